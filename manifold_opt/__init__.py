@@ -1,0 +1,24 @@
+"""manifold_opt: optimizers on Riemannian manifolds for PyTorch."""
+
+import torch as _torch
+
+from .manifolds import Euclidean, Manifold, Sphere, Stiefel
+from .optim import RiemannianAdam, RiemannianSGD
+from .parameter import ManifoldParameter, _rebuild_manifold_parameter
+
+__version__ = "0.1.0"
+
+# Checkpoints that pickle ManifoldParameters (e.g. state_dict(keep_vars=True) or a whole
+# module) load with torch.load(..., weights_only=True).
+_torch.serialization.add_safe_globals([ManifoldParameter, _rebuild_manifold_parameter, Euclidean, Sphere, Stiefel])
+
+__all__ = [
+    "Euclidean",
+    "Manifold",
+    "ManifoldParameter",
+    "RiemannianAdam",
+    "RiemannianSGD",
+    "Sphere",
+    "Stiefel",
+    "__version__",
+]

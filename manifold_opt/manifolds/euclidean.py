@@ -1,0 +1,66 @@
+"""Euclidean space: the geometry of an unconstrained parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Manifold
+
+
+@dataclass(frozen=True, kw_only=True)
+class Euclidean(Manifold):
+    r"""Flat space :math:`\mathbb{R}^{\text{shape}}`; every coordinate is its own point.
+
+    Treating each coordinate as a point makes the scalar-per-point second moment of
+    :class:`~manifold_opt.RiemannianAdam` coordinate-wise, so both optimizers reduce to
+    ``torch.optim.SGD`` and ``torch.optim.Adam`` on Euclidean parameters. Plain tensors
+    given to an optimizer are Euclidean. ``batch_dims`` has no effect here.
+
+    Shapes: points layout ``(...)`` (``point_shape = ()``).
+
+    Example:
+        >>> import torch
+        >>> from manifold_opt import Euclidean
+        >>> x, u = torch.zeros(3), torch.ones(3)
+        >>> Euclidean().retract(x, u, t=0.5)
+        tensor([0.5000, 0.5000, 0.5000])
+    """
+
+    @property
+    def point_ndim(self) -> int:
+        return 0
+
+    def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return ()
+
+    def batch_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def project(self, x: Tensor) -> Tensor:
+        return x
+
+    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
+        return u
+
+    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        return g
+
+    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
+        return torch.add(x, u, alpha=t)
+
+    def exp(self, x: Tensor, u: Tensor) -> Tensor:
+        """Exponential map ``x + u`` (equal to the retraction)."""
+        return x + u
+
+    def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return v
+
+    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        return u * v
+
+    def distance_to_manifold(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)

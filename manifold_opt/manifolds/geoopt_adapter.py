@@ -1,0 +1,101 @@
+"""Use geoopt's manifolds with manifold_opt's optimizers.
+
+geoopt's Euclidean, Sphere, SphereExact and EuclideanStiefel map onto the batched
+implementations of this package; every other geoopt manifold (PoincareBall, SPD,
+canonical Stiefel, products, ...) is stepped through geoopt's own methods by
+:class:`GeooptManifold`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Manifold
+from .euclidean import Euclidean
+from .sphere import Sphere
+from .stiefel import Stiefel
+
+
+def is_geoopt_manifold(manifold: object) -> bool:
+    """True for an instance of a geoopt manifold class (checked without importing geoopt)."""
+    return any(cls.__module__.startswith("geoopt.") for cls in type(manifold).__mro__)
+
+
+def from_geoopt(manifold: Any, ndim: int) -> Manifold:
+    """The manifold_opt manifold for a geoopt manifold carried by a tensor of ``ndim`` dims.
+
+    geoopt treats all but the last ``manifold.ndim`` dimensions as a batch; the mapped
+    manifold gets the matching ``batch_dims``.
+    """
+    import geoopt
+
+    kind = type(manifold)
+    if kind is geoopt.Euclidean and manifold.ndim == 0:
+        return Euclidean()
+    if kind in (geoopt.Sphere, geoopt.SphereExact) and manifold.projector is None and ndim >= 1:
+        retraction = "exp" if kind is geoopt.SphereExact else "projection"
+        return Sphere(retraction=retraction, batch_dims=ndim - 1)
+    if kind is geoopt.EuclideanStiefel and ndim >= 2:
+        return Stiefel(retraction="qr", batch_dims=ndim - 2)
+    return GeooptManifold(manifold=manifold)
+
+
+@dataclass(frozen=True, eq=False)
+class GeooptManifold(Manifold):
+    """A geoopt manifold behind the manifold_opt interface (compared by identity).
+
+    Points are batched the geoopt way: the last ``manifold.ndim`` dimensions form a point.
+    The second moment of :class:`~manifold_opt.RiemannianAdam` uses ``manifold.inner``
+    (one scalar per point).
+    """
+
+    manifold: Any = None
+
+    @property
+    def point_ndim(self) -> int:
+        return int(self.manifold.ndim)
+
+    def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        shape = tuple(shape)
+        if len(shape) < self.point_ndim:
+            raise ValueError(f"{self.manifold!r} needs at least {self.point_ndim} dimensions, got shape {shape}")
+        return shape[len(shape) - self.point_ndim :]
+
+    def batch_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape)[: len(shape) - self.point_ndim]
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.manifold.projx(x)
+
+    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
+        return self.manifold.proju(x, u)
+
+    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        return self.manifold.egrad2rgrad(x, g)
+
+    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
+        return self.manifold.retr(x, t * u)
+
+    def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return self.manifold.transp(x, y, v)
+
+    def retract_transport(self, x: Tensor, u: Tensor, v: Tensor, t: float = 1.0) -> tuple[Tensor, Tensor]:
+        return self.manifold.retr_transp(x, t * u, v)
+
+    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        return self.manifold.inner(x, u, v, keepdim=True)
+
+    def distance_to_manifold(self, x: Tensor) -> Tensor:
+        gap = (self.manifold.projx(x) - x).abs()
+        if self.point_ndim == 0:
+            return gap
+        return gap.flatten(-self.point_ndim).amax(-1)
+
+    def random_point(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:  # noqa: ANN001
+        del generator  # geoopt samplers use the global generator
+        return torch.as_tensor(self.manifold.random(*shape, dtype=dtype, device=device))

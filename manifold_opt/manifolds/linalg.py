@@ -1,0 +1,139 @@
+"""Batched linear-algebra helpers shared by the manifolds and the layers.
+
+Every function broadcasts over leading dimensions: a matrix argument has shape
+``(..., n, p)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sym(a: Tensor) -> Tensor:
+    r"""Symmetric part :math:`(A + A^\top)/2` of a batch of square matrices."""
+    return 0.5 * (a + a.mT)
+
+
+def skew(a: Tensor) -> Tensor:
+    r"""Skew-symmetric part :math:`(A - A^\top)/2` of a batch of square matrices."""
+    return 0.5 * (a - a.mT)
+
+
+def identity_like(a: Tensor) -> Tensor:
+    """The identity matrix with the trailing size, dtype and device of ``a`` (``(..., p, p)``)."""
+    return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+
+def qr_positive(a: Tensor) -> Tensor:
+    r"""The orthonormal factor ``Q`` of ``A = QR`` with :math:`\operatorname{diag}(R) > 0`.
+
+    The sign fix makes the factorization unique (a zero diagonal entry counts as
+    positive), so ``Q`` is a smooth function of a full-rank ``A``.
+
+    Shapes: ``a (..., n, p)`` with ``n >= p`` -> ``(..., n, p)``.
+    """
+    q, r = torch.linalg.qr(a)
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(a.dtype)
+    return q * signs.unsqueeze(-2)
+
+
+def polar_svd(a: Tensor) -> Tensor:
+    r"""The orthonormal polar factor :math:`UV^\top` of ``A = U\Sigma V^\top`` (thin SVD).
+
+    It is the nearest matrix with orthonormal columns (rows, for a wide ``A``) in
+    Frobenius norm, for any ``A`` of full rank.
+
+    Shapes: ``a (..., n, p)`` -> ``(..., n, p)``.
+    """
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+def polar_eigh(a: Tensor) -> Tensor:
+    r"""The polar factor :math:`A (A^\top A)^{-1/2}` of a tall ``A`` via ``eigh`` of the Gram matrix.
+
+    Cheaper than :func:`polar_svd` (a ``p x p`` eigendecomposition instead of an SVD
+    of ``n x p``) and as accurate when the singular values of ``A`` are near 1, as in a
+    retraction step ``A = X + u``. Squaring the condition number makes it a poor choice
+    for ill-conditioned ``A``: use :func:`polar_svd` there.
+
+    Shapes: ``a (..., n, p)`` with ``n >= p`` -> ``(..., n, p)``.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(a.mT @ a)
+    inv_sqrt = eigenvalues.clamp_min(torch.finfo(a.dtype).tiny).rsqrt()
+    return a @ ((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT)
+
+
+def newton_inverse_sqrt(s: Tensor, iterations: int) -> Tensor:
+    r"""Newton's iteration for :math:`S^{-1/2}` of a symmetric positive definite ``S``.
+
+    .. math::
+        B_0 = I, \qquad B_{t+1} = \tfrac32 B_t - \tfrac12 B_t^3 S.
+
+    Every :math:`B_t` is a polynomial in ``S``, so the iteration acts on each eigenvalue
+    :math:`\lambda` separately; it converges for :math:`\lambda \in (0, 3)`, quadratically
+    once :math:`\lambda B^2` is near 1. Scale ``S`` into that interval before calling.
+    This is the one implementation of the iteration in the library: ONI
+    (:func:`manifold_opt.nn.oni`) and the ``"newton"`` Stiefel retraction both use it.
+    With ``A`` tall and ``S = A^T A``, ``A B_t`` is exactly the Newton–Schulz iterate
+    :math:`Y_{t+1} = \tfrac12 Y_t (3I - Y_t^\top Y_t)`, computed with ``p x p`` products.
+
+    Args:
+        s: symmetric positive definite matrices, eigenvalues in ``(0, 3)``.
+        iterations: number of Newton steps ``T >= 0`` (``T = 0`` returns ``I``).
+
+    Returns:
+        :math:`B_T \approx S^{-1/2}`.
+
+    Shapes: ``s (..., p, p)`` -> ``(..., p, p)``.
+    """
+    b = identity_like(s).expand_as(s)
+    for _ in range(iterations):
+        b = 1.5 * b - 0.5 * (b @ b @ b @ s)
+    return b
+
+
+def newton_iterations_needed(lambda_low: float, lambda_high: float, tolerance: float, limit: int = 40) -> int:
+    r"""Fewest Newton steps of :func:`newton_inverse_sqrt` that bring every eigenvalue in
+    ``[lambda_low, lambda_high]`` to :math:`|\lambda b^2 - 1| \le` ``tolerance``.
+
+    The matrix iteration acts on each eigenvalue by the scalar map
+    :math:`b \mapsto \tfrac32 b - \tfrac12 b^3 \lambda` from ``b = 1``; the slowest
+    eigenvalue in an interval inside ``(0, 3)`` is one of its ends, so iterating the two
+    ends on the host gives the count for the whole spectrum.
+    """
+    if not 0.0 < lambda_low <= lambda_high < 3.0:
+        raise ValueError(
+            f"eigenvalue bounds [{lambda_low}, {lambda_high}] must lie inside (0, 3); scale the matrix first"
+        )
+    ends = [lambda_low, lambda_high]
+    values = [1.0, 1.0]
+    for count in range(limit + 1):
+        if all(abs(lam * b * b - 1.0) <= tolerance for lam, b in zip(ends, values)):
+            return count
+        values = [1.5 * b - 0.5 * b**3 * lam for lam, b in zip(ends, values)]
+    return limit
+
+
+def spectral_norm_bound(a: Tensor) -> Tensor:
+    r"""An upper bound of :math:`\|A\|_2` for a batch of square matrices, without an SVD.
+
+    Uses :math:`\|A\|_2 \le \sqrt{\|A\|_1 \|A\|_\infty}` (maximal column and row sums).
+
+    Shapes: ``a (..., p, p)`` -> ``(...)``.
+    """
+    abs_a = a.abs()
+    return torch.sqrt(abs_a.sum(-2).amax(-1) * abs_a.sum(-1).amax(-1))
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype."""
+    return torch.finfo(dtype).eps
+
+
+def sqrt_int(n: int) -> float:
+    """``sqrt(n)`` as a float (a small helper for tolerances that grow with size)."""
+    return math.sqrt(n)

@@ -1,0 +1,237 @@
+"""The Stiefel manifold of matrices with orthonormal columns (or rows)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import EmbeddedManifold, numel
+from .linalg import (
+    identity_like,
+    newton_inverse_sqrt,
+    newton_iterations_needed,
+    polar_eigh,
+    polar_svd,
+    qr_positive,
+    spectral_norm_bound,
+    sym,
+)
+
+STIEFEL_RETRACTIONS = ("qr", "polar", "cayley", "newton")
+
+# Lower bound assumed for the eigenvalues of (X + u)^T (X + u). It is exactly 1 for X on
+# the manifold and u tangent; 0.9 leaves room for residual drift and rounding.
+_NEWTON_LAMBDA_LOW = 0.9
+# Above this bound on the largest eigenvalue, the Gram matrix is scaled into (0, 1].
+_NEWTON_SCALE_ABOVE = 2.0
+# The fixed-point Cayley iteration contracts by q = ||t u_bar||_F; above this the exact
+# (Woodbury) solve is cheaper than the iterations it would need.
+_CAYLEY_EXACT_ABOVE = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stiefel(EmbeddedManifold):
+    r"""Matrices with orthonormal columns, :math:`\mathrm{St}(n, p) = \{X \in \mathbb{R}^{n\times p} : X^\top X = I\}`.
+
+    A wide matrix (``n < p``) has orthonormal rows instead (:math:`XX^\top = I`). A
+    parameter ``(out, *rest)`` is one ``(out, prod(rest))`` matrix, so a conv kernel is
+    orthonormal as a whole, not per ``kh x kw`` slice; ``batch_dims=1`` on a
+    ``(groups, n, p)`` tensor makes each slice its own point. The metric is the
+    Euclidean one, :math:`\langle u, v\rangle = \operatorname{tr}(u^\top v)`.
+
+    .. math::
+        P_X(g) = g - X\,\mathrm{sym}(X^\top g), \qquad
+        \text{project}(A) = UV^\top \text{ for } A = U\Sigma V^\top.
+
+    Retractions :math:`R_X(u)`:
+
+    * ``"qr"``: the ``Q`` factor of ``X + u`` with positive ``diag(R)`` (the map of
+      geoopt's ``EuclideanStiefel.retr``); first order; the fastest LAPACK choice.
+    * ``"polar"``: :math:`(X+u)(I + u^\top u)^{-1/2}`, the polar factor of ``X + u`` by
+      ``eigh`` of a ``p x p`` Gram matrix; second order.
+    * ``"cayley"``: :math:`(I - \tfrac12 A)^{-1}(I + \tfrac12 A)X` with
+      :math:`A = \bar u X^\top - X \bar u^\top`, :math:`\bar u = u - \tfrac12 X X^\top u`,
+      solved by the fixed-point iteration of Li, Fuxin and Todorovic (ICLR 2020),
+      :math:`Y \leftarrow X + \tfrac12 A(X + Y)`, with ``A`` kept in factored form
+      (``O(np^2)`` per iteration, matmuls only). The iteration contracts by
+      :math:`q = \|\bar u\|_F`; for ``q >= 0.5`` the exact solve (a ``2p x 2p`` system by
+      the Woodbury identity) replaces it, so there is no cap on the step size.
+    * ``"newton"``: the polar factor of ``X + u`` by Newton's iteration for
+      :math:`S^{-1/2}`, :math:`S = (X+u)^\top(X+u)` (:func:`~manifold_opt.manifolds.linalg.newton_inverse_sqrt`,
+      the iteration of ONI); matmuls only; second order once converged.
+
+    ``iterations``: for ``"cayley"`` and ``"newton"``, ``None`` (default) picks the
+    number of iterations that reaches working precision from a bound on the step (one
+    host synchronization per call); an int fixes it (Li et al. use 2 for Cayley), in which
+    case the optimizers' drift check re-projects points that leave the manifold.
+
+    Args:
+        retraction: one of ``"qr"``, ``"polar"``, ``"cayley"``, ``"newton"``.
+        iterations: iteration count of ``"cayley"``/``"newton"`` (see above).
+        batch_dims: leading dimensions of a parameter that index independent matrices.
+
+    Shapes: points layout ``(..., n, p)``.
+
+    Example:
+        >>> import torch
+        >>> from manifold_opt import Stiefel
+        >>> stiefel = Stiefel(retraction="polar")
+        >>> x = stiefel.random_point((5, 3), dtype=torch.float64)
+        >>> y = stiefel.retract(x, stiefel.random_tangent(x), t=0.1)
+        >>> bool(stiefel.distance_to_manifold(y) < 1e-12)
+        True
+    """
+
+    retraction: str = "qr"
+    iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retraction not in STIEFEL_RETRACTIONS:
+            raise ValueError(
+                f"unknown Stiefel retraction {self.retraction!r}; choose one of {STIEFEL_RETRACTIONS}"
+            )
+        if self.iterations is not None:
+            if self.retraction not in ("cayley", "newton"):
+                raise ValueError(
+                    f"iterations={self.iterations!r} applies only to the 'cayley' and 'newton' retractions, "
+                    f"not {self.retraction!r}; leave it as None"
+                )
+            if not isinstance(self.iterations, int) or self.iterations < 1:
+                raise ValueError(f"iterations must be a positive int or None, got {self.iterations!r}")
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def point_ndim(self) -> int:
+        return 2
+
+    def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        rest = self._point_dims(shape, 2)
+        n, p = rest[0], numel(rest[1:])
+        if n < 1 or p < 1:
+            raise ValueError(f"{self!r} cannot hold an empty matrix (shape {tuple(shape)})")
+        return (n, p)
+
+    # --------------------------------------------------------------- geometry
+    def project(self, x: Tensor) -> Tensor:
+        return polar_svd(x)
+
+    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
+        if _is_wide(x):
+            return self.project_tangent(x.mT, u.mT).mT
+        return u - x @ sym(x.mT @ u)
+
+    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
+        if _is_wide(x):
+            return self.retract(x.mT, u.mT, t).mT
+        if self.retraction == "qr":
+            return qr_positive(torch.add(x, u, alpha=t))
+        if self.retraction == "polar":
+            return polar_eigh(torch.add(x, u, alpha=t))
+        if self.retraction == "cayley":
+            return _cayley(x, t * u, self.iterations)
+        return _newton_polar(torch.add(x, u, alpha=t), self.iterations)
+
+    def exp(self, x: Tensor, u: Tensor) -> Tensor:
+        r"""Exponential map of the Euclidean metric (Edelman, Arias, Smith 1998, eq. 2.45).
+
+        .. math::
+            \operatorname{Exp}_X(u) = [X, u]\,\exp\!\begin{pmatrix} A & -S \\ I & A\end{pmatrix}
+            \begin{pmatrix} \exp(-A) \\ 0 \end{pmatrix},\quad A = X^\top u,\ S = u^\top u.
+        """
+        if _is_wide(x):
+            return self.exp(x.mT, u.mT).mT
+        p = x.shape[-1]
+        a = x.mT @ u
+        s = u.mT @ u
+        eye = identity_like(a).expand_as(a)
+        block = torch.cat([torch.cat([a, -s], dim=-1), torch.cat([eye, a], dim=-1)], dim=-2)
+        e = torch.linalg.matrix_exp(block)[..., :, :p]
+        return torch.cat([x, u], dim=-1) @ e @ torch.linalg.matrix_exp(-a)
+
+    def distance_to_manifold(self, x: Tensor) -> Tensor:
+        """Largest entry of :math:`|X^\\top X - I|` (:math:`|XX^\\top - I|` for wide ``X``)."""
+        tall = x.mT if _is_wide(x) else x
+        gram = tall.mT @ tall
+        return (gram - identity_like(gram)).abs().amax(dim=(-2, -1))
+
+    def random_point(
+        self,
+        shape: Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """A Haar-distributed point: the sign-fixed ``Q`` of a Gaussian matrix."""
+        gaussian = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        if _is_wide(gaussian):
+            return qr_positive(gaussian.mT).mT
+        return qr_positive(gaussian)
+
+    # ------------------------------------------------------------ drift policy
+    @property
+    def retraction_drifts(self) -> bool:
+        # qr and polar orthonormalize X + u from scratch: no error carries over.
+        return self.retraction in ("cayley", "newton")
+
+    def drift_tolerance(self, dtype: torch.dtype) -> float:
+        return 16 * torch.finfo(dtype).eps
+
+
+def _is_wide(x: Tensor) -> bool:
+    return x.shape[-2] < x.shape[-1]
+
+
+def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
+    """Cayley retraction of tall ``x`` along ``u`` (already scaled by the step size)."""
+    u_bar = u - 0.5 * x @ (x.mT @ u)
+
+    def apply_a(z: Tensor) -> Tensor:  # A z with A = u_bar x^T - x u_bar^T, never formed
+        return u_bar @ (x.mT @ z) - x @ (u_bar.mT @ z)
+
+    q = float(torch.linalg.matrix_norm(u_bar).max()) if u_bar.numel() else 0.0
+    if q >= (1.0 if iterations is not None else _CAYLEY_EXACT_ABOVE) or not math.isfinite(q):
+        return _cayley_exact(x, u_bar)
+    if iterations is None:
+        tolerance = torch.finfo(x.dtype).eps
+        # the first iterate X + u is within O(q^2) of the fixed point; each step gains a factor q
+        iterations = 1 if q == 0.0 else max(1, math.ceil(math.log(tolerance) / math.log(q)) - 2)
+    y = x + apply_a(x)
+    for _ in range(iterations):
+        y = x + 0.5 * apply_a(x + y)
+    return y
+
+
+def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
+    r"""Exact Cayley transform by the Woodbury identity: with :math:`A = UV^\top`,
+    :math:`U = [\bar u, X]`, :math:`V = [X, -\bar u]`,
+    :math:`(I - \tfrac12 UV^\top)^{-1} = I + \tfrac12 U (I - \tfrac12 V^\top U)^{-1} V^\top`."""
+    left = torch.cat([u_bar, x], dim=-1)
+    right = torch.cat([x, -u_bar], dim=-1)
+    z = x + 0.5 * left @ (right.mT @ x)
+    small = right.mT @ left
+    system = identity_like(small) - 0.5 * small
+    return z + 0.5 * left @ torch.linalg.solve(system, right.mT @ z)
+
+
+def _newton_polar(a: Tensor, iterations: int | None) -> Tensor:
+    r"""Polar factor of tall ``a = X + u`` by :func:`newton_inverse_sqrt` of :math:`S = A^\top A`."""
+    s = a.mT @ a
+    high = spectral_norm_bound(s)  # >= largest eigenvalue of s
+    scale = torch.where(high > _NEWTON_SCALE_ABOVE, high, torch.ones_like(high))
+    s_scaled = s / scale[..., None, None]
+    if iterations is None:
+        worst = float(high.max()) if high.numel() else 1.0
+        if not math.isfinite(worst):
+            return polar_svd(a)
+        # unscaled points have eigenvalues in [low, worst <= 2], scaled ones in [low / high, 1]
+        low = _NEWTON_LAMBDA_LOW / worst if worst > _NEWTON_SCALE_ABOVE else _NEWTON_LAMBDA_LOW
+        top = max(min(worst, _NEWTON_SCALE_ABOVE), low)
+        iterations = newton_iterations_needed(low, top, torch.finfo(a.dtype).eps)
+    b = newton_inverse_sqrt(s_scaled, iterations)
+    return a @ (b * scale.rsqrt()[..., None, None])

@@ -1,0 +1,231 @@
+"""The batched optimizer path shared by every optimizer of the package.
+
+Each step, the parameters of a param group that have gradients are grouped into
+buckets by (manifold, point shape, dtype, device, and a per-optimizer state key such as
+Adam's step count). Each bucket is stacked into one ``(num_points, *point_shape)``
+tensor, stepped by one call of a pure update function that uses only manifold methods,
+and written back. Per-parameter state lives in ``self.state[p]`` in the parameter
+layout, so checkpoints are those of ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
+from .functional import keep_on_manifold
+
+EUCLIDEAN = Euclidean()
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def manifold_of(parameter: Tensor) -> Manifold:
+    """The manifold a parameter lives on: its ``.manifold`` (geoopt's too), else Euclidean."""
+    manifold = getattr(parameter, "manifold", None)
+    if manifold is None:
+        return EUCLIDEAN
+    if isinstance(manifold, Manifold):
+        return manifold
+    if is_geoopt_manifold(manifold):
+        return from_geoopt(manifold, parameter.dim())
+    raise TypeError(f"parameter of shape {tuple(parameter.shape)} has an unknown .manifold of type {type(manifold)}")
+
+
+def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
+    """Half-precision points are stepped in float32 (QR, SVD and eigh have no half kernels);
+    elementwise (Euclidean) parameters keep their dtype, as in ``torch.optim``."""
+    if manifold.point_ndim > 0 and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+@dataclass
+class Bucket:
+    """Parameters stepped together, stacked in the points layout.
+
+    ``x`` and ``grad`` are ``(num_points, *point_shape)`` tensors in the geometry dtype;
+    ``sizes`` are the numbers of points of each parameter, in order.
+    """
+
+    manifold: Manifold
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    sizes: list[int]
+    x: Tensor
+    grad: Tensor
+
+    def stack_state(self, name: str) -> Tensor:
+        """Stack a per-parameter state tensor (parameter layout) into the points layout."""
+        return torch.cat([self._points(state[name]) for state in self.states])
+
+    def stack_second_moment(self, name: str) -> Tensor:
+        """Stack a one-scalar-per-point state into ``(num_points, 1, ..., 1)``."""
+        shape = (-1,) + (1,) * self.manifold.point_ndim
+        return torch.cat([state[name].reshape(shape) for state in self.states])
+
+    def unstack(self, stacked: Tensor) -> list[Tensor]:
+        """Split a points-layout tensor back into per-parameter pieces (views)."""
+        return list(torch.split(stacked, self.sizes))
+
+    def _points(self, tensor: Tensor) -> Tensor:
+        return self.manifold.to_points(tensor.to(self.x.dtype))
+
+
+class BucketedOptimizer(torch.optim.Optimizer):
+    """Base class: ``torch.optim.Optimizer`` conventions with one batched update per bucket.
+
+    Subclasses implement :meth:`_bucket_key` (extra grouping from the state),
+    :meth:`_init_state` and :meth:`_step_bucket`.
+
+    Args:
+        params: tensors or param-group dicts, as for ``torch.optim``.
+        defaults: default hyperparameters of a group.
+        nonfinite: what a bucket with a NaN/Inf gradient does: ``"skip"`` (default: its
+            parameters and state stay untouched and a ``RuntimeWarning`` is issued) or
+            ``"raise"`` (a ``FloatingPointError``). One reduction per bucket decides.
+
+    Attributes:
+        skipped_steps: bucket steps skipped for a non-finite gradient.
+        reprojected_points: points re-projected by the drift check (retractions that
+            accumulate error only, see :attr:`Manifold.retraction_drifts`).
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], nonfinite: str = "skip") -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.reprojected_points = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------ subclass API
+    def _bucket_key(self, state: dict[str, Any]) -> Hashable:
+        """Extra bucket key from a parameter's state (e.g. Adam's step count)."""
+        return None
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, manifold: Manifold, dtype: torch.dtype) -> None:
+        """Fill ``self.state[param]`` before its first step (``dtype`` is the geometry dtype)."""
+
+    def _step_bucket(
+        self, group: dict[str, Any], bucket: Bucket
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Step one bucket: return the new points, the new tangent-vector states (stacked like
+        the points; they follow the points through any re-projection) and the new
+        one-scalar-per-point states. Other state (step counts) is updated in place."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for bucket in self._buckets(group):
+                if not self._gradient_is_finite(bucket):
+                    continue
+                new_x, tangents, per_point = self._step_bucket(group, bucket)
+                self.reprojected_points += keep_on_manifold(bucket.manifold, new_x, list(tangents.values()))
+                self._write_back(bucket, new_x)
+                for name, stacked in tangents.items():
+                    self._store_tangent(bucket, name, stacked)
+                for name, stacked in per_point.items():
+                    self._store_per_point(bucket, name, stacked)
+        return loss
+
+    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        grouped: dict[Hashable, list[tuple[Tensor, Manifold]]] = {}
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            manifold = manifold_of(param)
+            dtype = geometry_dtype(manifold, param.dtype)
+            state = self.state[param]
+            if not state:
+                self._init_state(group, param, manifold, dtype)
+            key = (manifold, manifold.point_shape(param.shape), dtype, param.device, self._bucket_key(state))
+            grouped.setdefault(key, []).append((param, manifold))
+        buckets = []
+        for (manifold, _, dtype, _, _), members in grouped.items():
+            params = [param for param, _ in members]
+            points = [manifold.to_points(param.detach()) for param in params]
+            grads = [manifold.to_points(param.grad) for param in params]
+            buckets.append(
+                Bucket(
+                    manifold=manifold,
+                    params=params,
+                    states=[self.state[param] for param in params],
+                    sizes=[len(p) for p in points],
+                    x=torch.cat(points).to(dtype),
+                    grad=torch.cat(grads).to(dtype),
+                )
+            )
+        return buckets
+
+    def _gradient_is_finite(self, bucket: Bucket) -> bool:
+        if bool(torch.isfinite(bucket.grad).all()):
+            return True
+        names = ", ".join(f"{tuple(p.shape)}" for p in bucket.params)
+        message = (
+            f"non-finite gradient in a bucket of {len(bucket.params)} parameter(s) on {bucket.manifold!r} "
+            f"(shapes {names})"
+        )
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message + "; pass nonfinite='skip' to skip such steps instead")
+        self.skipped_steps += 1
+        warnings.warn(message + ": step skipped, parameters and state unchanged", RuntimeWarning, stacklevel=3)
+        return False
+
+    @staticmethod
+    def _write_back(bucket: Bucket, new_x: Tensor) -> None:
+        pieces = bucket.unstack(new_x)
+        for param, piece in zip(bucket.params, pieces):
+            param.copy_(piece.reshape(param.shape))
+
+    @staticmethod
+    def _store_tangent(bucket: Bucket, name: str, stacked: Tensor) -> None:
+        """Write a stacked tangent-vector state back into each parameter's state, in the
+        parameter's own shape."""
+        for param, state, piece in zip(bucket.params, bucket.states, bucket.unstack(stacked)):
+            state[name] = piece.reshape(param.shape)
+
+    @staticmethod
+    def _store_per_point(bucket: Bucket, name: str, stacked: Tensor) -> None:
+        """Write a stacked one-scalar-per-point state back, shaped as the parameter's batch
+        of points (the parameter's own shape for Euclidean parameters)."""
+        for param, state, piece in zip(bucket.params, bucket.states, bucket.unstack(stacked)):
+            state[name] = piece.reshape(bucket.manifold.batch_shape(param.shape))
+
+    # ----------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but state tensors keep their saved
+        dtype (torch casts them to the parameter dtype, which would round the float32
+        state of half-precision manifold parameters)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if isinstance(value, Tensor) and key != "step" and value.dtype != param.dtype:
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """Raise a ValueError naming the hyperparameter unless it is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

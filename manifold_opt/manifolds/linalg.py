@@ -6,8 +6,6 @@ Every function broadcasts over leading dimensions: a matrix argument has shape
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -67,43 +65,49 @@ def polar_eigh(a: Tensor) -> Tensor:
     return a @ ((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT)
 
 
-def newton_inverse_sqrt(s: Tensor, iterations: int) -> Tensor:
-    r"""Newton's iteration for :math:`S^{-1/2}` of a symmetric positive definite ``S``.
+def newton_schulz(y: Tensor, iterations: int) -> Tensor:
+    r"""Newton–Schulz iteration toward the orthonormal polar factor of ``y``.
 
     .. math::
-        B_0 = I, \qquad B_{t+1} = \tfrac32 B_t - \tfrac12 B_t^3 S.
+        Y_{t+1} = \tfrac12 Y_t (3I - Y_t^\top Y_t)
+        \quad (\tfrac12 (3I - Y_t Y_t^\top) Y_t \text{ for wide } Y),
 
-    Every :math:`B_t` is a polynomial in ``S``, so the iteration acts on each eigenvalue
-    :math:`\lambda` separately; it converges for :math:`\lambda \in (0, 3)`, quadratically
-    once :math:`\lambda B^2` is near 1. Scale ``S`` into that interval before calling.
-    This is the one implementation of the iteration in the library: ONI
-    (:func:`manifold_opt.nn.oni`) and the ``"newton"`` Stiefel retraction both use it.
-    With ``A`` tall and ``S = A^T A``, ``A B_t`` is exactly the Newton–Schulz iterate
-    :math:`Y_{t+1} = \tfrac12 Y_t (3I - Y_t^\top Y_t)`, computed with ``p x p`` products.
+    with the Gram matrix on the short side. Each singular value follows
+    :math:`\sigma \mapsto \tfrac12\sigma(3 - \sigma^2)`: the iteration converges for
+    :math:`\sigma \in (0, \sqrt3)`, quadratically near 1, so scale ``y`` into that range
+    first. In exact arithmetic :math:`Y_t = Y_0 B_t` where :math:`B_t` is Newton's iterate
+    :math:`B_{t+1} = \tfrac32 B_t - \tfrac12 B_t^3 S` for :math:`S^{-1/2}`,
+    :math:`S = Y_0^\top Y_0` (the form ONI's paper writes); iterating on ``Y`` instead of
+    ``B`` is the numerically stable form (rounding errors in ``B`` grow by up to
+    :math:`\tfrac12(r + r^2) - 1` per step when the eigenvalue ratio of ``S`` is
+    :math:`r^2 > 2.4`; errors in ``Y`` do not grow). This is the one implementation of the
+    iteration in the library: ONI (:func:`manifold_opt.nn.oni`) and the ``"newton"``
+    Stiefel retraction both use it.
 
     Args:
-        s: symmetric positive definite matrices, eigenvalues in ``(0, 3)``.
-        iterations: number of Newton steps ``T >= 0`` (``T = 0`` returns ``I``).
+        y: matrices with singular values in ``(0, sqrt(3))``.
+        iterations: number of steps ``T >= 0`` (``T = 0`` returns ``y``).
 
-    Returns:
-        :math:`B_T \approx S^{-1/2}`.
-
-    Shapes: ``s (..., p, p)`` -> ``(..., p, p)``.
+    Shapes: ``y (..., n, p)`` -> ``(..., n, p)``.
     """
-    b = identity_like(s).expand_as(s)
+    wide = y.shape[-2] < y.shape[-1]
     for _ in range(iterations):
-        b = 1.5 * b - 0.5 * (b @ b @ b @ s)
-    return b
+        if wide:
+            y = 1.5 * y - 0.5 * (y @ y.mT) @ y
+        else:
+            y = 1.5 * y - 0.5 * y @ (y.mT @ y)
+    return y
 
 
 def newton_iterations_needed(lambda_low: float, lambda_high: float, tolerance: float, limit: int = 40) -> int:
-    r"""Fewest Newton steps of :func:`newton_inverse_sqrt` that bring every eigenvalue in
-    ``[lambda_low, lambda_high]`` to :math:`|\lambda b^2 - 1| \le` ``tolerance``.
+    r"""Fewest steps of :func:`newton_schulz` that bring every squared singular value
+    :math:`\lambda = \sigma^2` in ``[lambda_low, lambda_high]`` to
+    :math:`|\lambda b^2 - 1| \le` ``tolerance``.
 
-    The matrix iteration acts on each eigenvalue by the scalar map
+    The iteration maps :math:`\sigma = \sqrt\lambda\, b` by
     :math:`b \mapsto \tfrac32 b - \tfrac12 b^3 \lambda` from ``b = 1``; the slowest
-    eigenvalue in an interval inside ``(0, 3)`` is one of its ends, so iterating the two
-    ends on the host gives the count for the whole spectrum.
+    value in an interval inside ``(0, 3)`` is one of its ends, so iterating the two ends
+    on the host gives the count for the whole spectrum.
     """
     if not 0.0 < lambda_low <= lambda_high < 3.0:
         raise ValueError(
@@ -128,12 +132,3 @@ def spectral_norm_bound(a: Tensor) -> Tensor:
     abs_a = a.abs()
     return torch.sqrt(abs_a.sum(-2).amax(-1) * abs_a.sum(-1).amax(-1))
 
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Machine epsilon of a floating dtype."""
-    return torch.finfo(dtype).eps
-
-
-def sqrt_int(n: int) -> float:
-    """``sqrt(n)`` as a float (a small helper for tolerances that grow with size)."""
-    return math.sqrt(n)

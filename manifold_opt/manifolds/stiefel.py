@@ -12,8 +12,8 @@ from torch import Tensor
 from .base import EmbeddedManifold, numel
 from .linalg import (
     identity_like,
-    newton_inverse_sqrt,
     newton_iterations_needed,
+    newton_schulz,
     polar_eigh,
     polar_svd,
     qr_positive,
@@ -60,9 +60,10 @@ class Stiefel(EmbeddedManifold):
       (``O(np^2)`` per iteration, matmuls only). The iteration contracts by
       :math:`q = \|\bar u\|_F`; for ``q >= 0.5`` the exact solve (a ``2p x 2p`` system by
       the Woodbury identity) replaces it, so there is no cap on the step size.
-    * ``"newton"``: the polar factor of ``X + u`` by Newton's iteration for
-      :math:`S^{-1/2}`, :math:`S = (X+u)^\top(X+u)` (:func:`~manifold_opt.manifolds.linalg.newton_inverse_sqrt`,
-      the iteration of ONI); matmuls only; second order once converged.
+    * ``"newton"``: the polar factor of ``X + u`` by the Newton–Schulz iteration
+      (:func:`~manifold_opt.manifolds.linalg.newton_schulz`, the iteration of ONI);
+      matmuls only; second order once converged. ``X + u`` is scaled into the
+      convergence region when a cheap bound on its norm asks for it.
 
     ``iterations``: for ``"cayley"`` and ``"newton"``, ``None`` (default) picks the
     number of iterations that reaches working precision from a bound on the step (one
@@ -188,22 +189,28 @@ def _is_wide(x: Tensor) -> bool:
 
 
 def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
-    """Cayley retraction of tall ``x`` along ``u`` (already scaled by the step size)."""
+    """Cayley retraction of tall ``x`` along ``u`` (already scaled by the step size).
+
+    Points whose contraction bound ``q`` is too large for the fixed-point iteration take the
+    exact solve; the choice is made per point, so a batch gives the results of its items.
+    """
     u_bar = u - 0.5 * x @ (x.mT @ u)
 
     def apply_a(z: Tensor) -> Tensor:  # A z with A = u_bar x^T - x u_bar^T, never formed
         return u_bar @ (x.mT @ z) - x @ (u_bar.mT @ z)
 
-    q = float(torch.linalg.matrix_norm(u_bar).max()) if u_bar.numel() else 0.0
-    if q >= (1.0 if iterations is not None else _CAYLEY_EXACT_ABOVE) or not math.isfinite(q):
-        return _cayley_exact(x, u_bar)
+    q = torch.linalg.matrix_norm(u_bar)
+    exact = ~(q < (1.0 if iterations is not None else _CAYLEY_EXACT_ABOVE))  # also catches NaN
     if iterations is None:
+        q_max = float(torch.where(exact, 0.0, q).max()) if q.numel() else 0.0
         tolerance = torch.finfo(x.dtype).eps
         # the first iterate X + u is within O(q^2) of the fixed point; each step gains a factor q
-        iterations = 1 if q == 0.0 else max(1, math.ceil(math.log(tolerance) / math.log(q)) - 2)
+        iterations = 1 if q_max == 0.0 else max(1, math.ceil(math.log(tolerance) / math.log(q_max)) - 2)
     y = x + apply_a(x)
     for _ in range(iterations):
         y = x + 0.5 * apply_a(x + y)
+    if bool(exact.any()):
+        y = torch.where(exact[..., None, None], _cayley_exact(x, u_bar), y)
     return y
 
 
@@ -220,18 +227,21 @@ def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
 
 
 def _newton_polar(a: Tensor, iterations: int | None) -> Tensor:
-    r"""Polar factor of tall ``a = X + u`` by :func:`newton_inverse_sqrt` of :math:`S = A^\top A`."""
-    s = a.mT @ a
-    high = spectral_norm_bound(s)  # >= largest eigenvalue of s
+    r"""Polar factor of tall ``a = X + u`` by :func:`newton_schulz`.
+
+    The squared singular values of ``a`` lie in :math:`[1, 1 + \|u\|_2^2]` for ``X`` on the
+    manifold and ``u`` tangent. A point whose bound on the largest exceeds 2 is scaled by
+    its inverse square root (into ``(0, 1]``); with ``iterations=None`` the count comes from
+    the worst interval over the batch (:func:`newton_iterations_needed`).
+    """
+    high = spectral_norm_bound(a.mT @ a)  # >= largest squared singular value
     scale = torch.where(high > _NEWTON_SCALE_ABOVE, high, torch.ones_like(high))
-    s_scaled = s / scale[..., None, None]
     if iterations is None:
         worst = float(high.max()) if high.numel() else 1.0
         if not math.isfinite(worst):
             return polar_svd(a)
-        # unscaled points have eigenvalues in [low, worst <= 2], scaled ones in [low / high, 1]
+        # unscaled points have values in [low, worst <= 2], scaled ones in [low / high, 1]
         low = _NEWTON_LAMBDA_LOW / worst if worst > _NEWTON_SCALE_ABOVE else _NEWTON_LAMBDA_LOW
         top = max(min(worst, _NEWTON_SCALE_ABOVE), low)
-        iterations = newton_iterations_needed(low, top, torch.finfo(a.dtype).eps)
-    b = newton_inverse_sqrt(s_scaled, iterations)
-    return a @ (b * scale.rsqrt()[..., None, None])
+        iterations = newton_iterations_needed(low, top, 8 * torch.finfo(a.dtype).eps)
+    return newton_schulz(a * scale.rsqrt()[..., None, None], iterations)

@@ -1,0 +1,67 @@
+"""The one list of manifold cases every generic property runs on, and shape strategies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from manifold_opt import Euclidean, Sphere, Stiefel
+from manifold_opt.manifolds import Manifold
+
+
+@dataclass(frozen=True)
+class Case:
+    """A manifold under test.
+
+    ``order``: the retraction's order (1 or 2; 0 for the exponential map itself).
+    ``exact``: the retraction lands on the manifold to working precision for any step
+    (False for fixed iteration counts, which rely on the optimizers' drift check).
+    """
+
+    id: str
+    manifold: Manifold
+    order: int
+    exact: bool = True
+
+    def __str__(self) -> str:
+        return self.id
+
+
+CASES = [
+    Case("euclidean", Euclidean(), 2),
+    Case("sphere", Sphere(), 2),
+    Case("sphere-exp", Sphere(retraction="exp"), 0),
+    Case("stiefel-qr", Stiefel(retraction="qr"), 1),
+    Case("stiefel-polar", Stiefel(retraction="polar"), 2),
+    Case("stiefel-cayley", Stiefel(retraction="cayley"), 1),
+    Case("stiefel-cayley-2", Stiefel(retraction="cayley", iterations=2), 1, exact=False),
+    Case("stiefel-newton", Stiefel(retraction="newton"), 2),
+    Case("stiefel-newton-3", Stiefel(retraction="newton", iterations=3), 1, exact=False),
+]
+CURVED = [case for case in CASES if case.id != "euclidean"]
+WITH_ORDER = [case for case in CURVED if case.order > 0]
+EXACT = [case for case in CASES if case.exact]
+
+
+def point_shapes(manifold: Manifold) -> st.SearchStrategy[tuple[int, ...]]:
+    """Shapes of one point: tall, wide and square matrices for Stiefel."""
+    if isinstance(manifold, Stiefel):
+        return st.tuples(st.integers(1, 7), st.integers(1, 7))
+    if isinstance(manifold, Sphere):
+        return st.tuples(st.integers(2, 9))
+    return st.just(())
+
+
+def shapes(manifold: Manifold, max_batch_dims: int = 2) -> st.SearchStrategy[tuple[int, ...]]:
+    """Points-layout shapes: up to ``max_batch_dims`` batch dimensions, then one point."""
+    batch = st.lists(st.integers(1, 3), min_size=0, max_size=max_batch_dims).map(tuple)
+    return st.tuples(batch, point_shapes(manifold)).map(lambda pair: pair[0] + pair[1])
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+seeds = st.integers(0, 2**31 - 1)

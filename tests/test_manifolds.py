@@ -1,0 +1,177 @@
+"""Generic properties of every manifold and retraction (DESIGN.md, "Tests")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from manifold_opt.checks import check_gradient, check_retraction
+
+from .cases import CASES, EXACT, WITH_ORDER, Case, generator, seeds, shapes
+
+F64 = torch.float64
+
+
+def draw_point(case: Case, data: st.DataObject, dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Generator]:
+    shape = data.draw(shapes(case.manifold), label="shape")
+    gen = generator(data.draw(seeds, label="seed"))
+    return case.manifold.random_point(shape, generator=gen, dtype=dtype), gen
+
+
+def residual(case: Case, x: torch.Tensor) -> float:
+    return float(case.manifold.distance_to_manifold(x).max()) if x.numel() else 0.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data())
+def test_projection_lands_on_manifold_and_is_idempotent(case: Case, data: st.DataObject) -> None:
+    shape = data.draw(shapes(case.manifold), label="shape")
+    raw = torch.randn(shape, generator=generator(data.draw(seeds)), dtype=F64)
+    x = case.manifold.project(raw)
+    assert residual(case, x) < 1e-12
+    torch.testing.assert_close(case.manifold.project(x), x, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data())
+def test_random_point_and_tangent_are_valid(case: Case, data: st.DataObject) -> None:
+    x, gen = draw_point(case, data)
+    assert residual(case, x) < 1e-12
+    u = case.manifold.random_tangent(x, generator=gen)
+    torch.testing.assert_close(case.manifold.project_tangent(x, u), u, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data(), a=st.floats(-3, 3), b=st.floats(-3, 3))
+def test_tangent_projection_is_idempotent_and_linear(case: Case, data: st.DataObject, a: float, b: float) -> None:
+    x, gen = draw_point(case, data)
+    g1, g2 = (torch.randn(x.shape, generator=gen, dtype=F64) for _ in range(2))
+    project = case.manifold.project_tangent
+    torch.testing.assert_close(project(x, project(x, g1)), project(x, g1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(project(x, a * g1 + b * g2), a * project(x, g1) + b * project(x, g2), atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data())
+def test_retraction_at_zero_is_identity(case: Case, data: st.DataObject) -> None:
+    x, _ = draw_point(case, data)
+    torch.testing.assert_close(case.manifold.retract(x, torch.zeros_like(x)), x, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data())
+def test_retraction_agrees_to_first_order(case: Case, data: st.DataObject) -> None:
+    """(R_x(h u) - x) / h -> u: the error shrinks linearly with h."""
+    x, gen = draw_point(case, data)
+    u = case.manifold.random_tangent(x, generator=gen)
+    errors = [float(((case.manifold.retract(x, u, h) - x) / h - u).norm()) for h in (1e-3, 1e-4)]
+    scale = 1 + float(u.norm()) ** 2
+    assert errors[1] < 2e-4 * scale
+    assert errors[1] <= 0.2 * errors[0] + 1e-9 * scale
+
+
+@pytest.mark.parametrize("case", WITH_ORDER, ids=str)
+@given(data=st.data())
+def test_retraction_order_by_log_log_slope(case: Case, data: st.DataObject) -> None:
+    """Manopt's checkretraction: slope >= 2 for every retraction, >= 3 (to 0.1) for second order."""
+    x, gen = draw_point(case, data)
+    u = case.manifold.random_tangent(x, generator=gen)
+    assume(float(u.norm()) > 1e-3)
+    check = check_retraction(case.manifold, x, u / u.norm())
+    assume(check.errors.max() > 1e-10)  # e.g. St(n, n-1) where a retraction can coincide with Exp
+    assert check.slope > (2.9 if case.order == 2 else 1.9), check
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data())
+def test_riemannian_gradient_matches_autograd(case: Case, data: st.DataObject) -> None:
+    x, gen = draw_point(case, data)
+    a = torch.randn(x.shape, generator=gen, dtype=F64)
+
+    def f(y: torch.Tensor) -> torch.Tensor:
+        return (a * y).sum() + (y**3).sum() + (y.sum(-1) ** 2).sum()
+
+    check = check_gradient(case.manifold, f, x, generator=gen)
+    assert check.identity_error < 1e-10
+    assert check.tangent_error < 1e-10
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data(), t=st.floats(1e-3, 2.0))
+def test_transport_lands_in_new_tangent_space_and_pair_matches(case: Case, data: st.DataObject, t: float) -> None:
+    x, gen = draw_point(case, data)
+    u = case.manifold.random_tangent(x, generator=gen)
+    v = case.manifold.random_tangent(x, generator=gen)
+    y = case.manifold.retract(x, u, t)
+    moved = case.manifold.transport(x, y, v)
+    if case.exact:  # off the manifold a tangent "space" is not defined
+        assert residual(case, y) < 1e-10
+        torch.testing.assert_close(case.manifold.project_tangent(y, moved), moved, atol=1e-10, rtol=0)
+    y2, moved2 = case.manifold.retract_transport(x, u, v, t)
+    torch.testing.assert_close(y2, y, atol=1e-12, rtol=0)
+    torch.testing.assert_close(moved2, moved, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", EXACT, ids=str)
+@given(data=st.data(), t=st.floats(1e-3, 30.0))
+def test_retraction_stays_on_manifold_for_any_step(case: Case, data: st.DataObject, t: float) -> None:
+    """No hidden step-size cap: large steps land on the manifold too."""
+    x, gen = draw_point(case, data)
+    u = case.manifold.random_tangent(x, generator=gen)
+    y = case.manifold.retract(x, u, t)
+    assert torch.isfinite(y).all()
+    assert residual(case, y) < 1e-10
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data(), t=st.floats(1e-3, 1.0))
+def test_batched_equals_per_item(case: Case, data: st.DataObject, t: float) -> None:
+    point_shape = data.draw(shapes(case.manifold, max_batch_dims=0), label="point shape")
+    count = data.draw(st.integers(2, 4), label="count")
+    gen = generator(data.draw(seeds))
+    x = case.manifold.random_point((count, *point_shape), generator=gen, dtype=F64)
+    u = case.manifold.random_tangent(x, generator=gen)
+    v = case.manifold.random_tangent(x, generator=gen)
+    batched = case.manifold.retract_transport(x, u, v, t)
+    for i in range(count):
+        single = case.manifold.retract_transport(x[i], u[i], v[i], t)
+        torch.testing.assert_close(batched[0][i], single[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(batched[1][i], single[1], atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        case.manifold.inner(x, u, v).reshape(count), torch.stack([case.manifold.inner(x[i], u[i], v[i]).reshape(()) for i in range(count)])
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_device_are_preserved(case: Case, dtype: torch.dtype) -> None:
+    shape = {0: (3,), 1: (2, 5), 2: (2, 5, 3)}[case.manifold.point_ndim]
+    x = case.manifold.random_point(shape, generator=generator(0), dtype=dtype)
+    u = case.manifold.random_tangent(x, generator=generator(1))
+    outputs = [
+        x,
+        u,
+        case.manifold.project(x),
+        case.manifold.riemannian_grad(x, u),
+        case.manifold.retract(x, u, 0.1),
+        case.manifold.transport(x, x, u),
+        *case.manifold.retract_transport(x, u, u, 0.1),
+        case.manifold.inner(x, u, u),
+        case.manifold.distance_to_manifold(x),
+    ]
+    for out in outputs:
+        assert out.dtype == dtype and out.device == x.device
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@given(data=st.data())
+def test_inner_product_is_symmetric_and_positive(case: Case, data: st.DataObject) -> None:
+    x, gen = draw_point(case, data)
+    u = case.manifold.random_tangent(x, generator=gen)
+    v = case.manifold.random_tangent(x, generator=gen)
+    inner = case.manifold.inner
+    torch.testing.assert_close(inner(x, u, v), inner(x, v, u))
+    assert (inner(x, u, u) >= 0).all()
+    assert inner(x, u, v).dim() == x.dim()  # kept dims broadcast against x

@@ -1,0 +1,138 @@
+"""What is specific to the Stiefel manifold and its linear-algebra helpers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from manifold_opt import Stiefel
+from manifold_opt.manifolds.linalg import (
+    newton_iterations_needed,
+    newton_schulz,
+    polar_eigh,
+    polar_svd,
+    qr_positive,
+)
+
+from .cases import generator, seeds
+
+F64 = torch.float64
+matrix_sizes = st.tuples(st.integers(1, 8), st.integers(1, 8))
+
+
+def test_unknown_retraction_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"'householder'.*'qr', 'polar', 'cayley', 'newton'"):
+        Stiefel(retraction="householder")
+
+
+@pytest.mark.parametrize("kwargs", [dict(retraction="qr", iterations=2), dict(retraction="newton", iterations=0)])
+def test_iterations_are_validated(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="iterations"):
+        Stiefel(**kwargs)
+
+
+def test_conv_kernel_is_one_matrix() -> None:
+    stiefel = Stiefel()
+    assert stiefel.point_shape((16, 3, 3, 3)) == (16, 27)
+    assert Stiefel(batch_dims=1).point_shape((4, 6, 3)) == (6, 3)
+    with pytest.raises(ValueError, match=r"at least 2 dimensions.*\(7,\)"):
+        stiefel.point_shape((7,))
+
+
+@given(size=matrix_sizes, seed=seeds)
+def test_wide_points_are_transposes_of_tall_ones(size: tuple[int, int], seed: int) -> None:
+    size = (min(size), max(size) + 1)  # strictly wide
+    for retraction in ("qr", "polar", "cayley", "newton"):
+        stiefel = Stiefel(retraction=retraction)
+        x = stiefel.random_point(size, generator=generator(seed), dtype=F64)
+        u = stiefel.random_tangent(x, generator=generator(seed + 1))
+        expected = stiefel.retract(x.mT, u.mT, 0.3).mT
+        torch.testing.assert_close(stiefel.retract(x, u, 0.3), expected, atol=1e-13, rtol=0)
+
+
+@given(size=matrix_sizes, seed=seeds)
+def test_qr_retraction_is_geoopts_euclidean_stiefel_map(size: tuple[int, int], seed: int) -> None:
+    n, p = max(size), min(size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import geoopt
+    stiefel = Stiefel(retraction="qr")
+    x = stiefel.random_point((n, p), generator=generator(seed), dtype=F64)
+    u = stiefel.random_tangent(x, generator=generator(seed + 1))
+    torch.testing.assert_close(stiefel.retract(x, u), geoopt.EuclideanStiefel().retr(x, u), atol=1e-13, rtol=0)
+
+
+@given(size=matrix_sizes, seed=seeds)
+def test_projection_is_the_nearest_point(size: tuple[int, int], seed: int) -> None:
+    gen = generator(seed)
+    stiefel = Stiefel()
+    a = torch.randn(size, generator=gen, dtype=F64)
+    nearest = stiefel.project(a)
+    others = stiefel.random_point((20, *size), generator=gen, dtype=F64)
+    assert (a - nearest).norm() <= (a - others).flatten(1).norm(dim=1).min() + 1e-12
+    # the polar factor: A = nearest @ P with P symmetric positive semi-definite (tall case)
+    tall_a, tall_q = (a, nearest) if size[0] >= size[1] else (a.mT, nearest.mT)
+    p = tall_q.mT @ tall_a
+    torch.testing.assert_close(p, p.mT, atol=1e-12, rtol=0)
+    assert torch.linalg.eigvalsh(p).min() > -1e-12
+
+
+@given(size=matrix_sizes, seed=seeds)
+def test_polar_by_eigh_equals_polar_by_svd(size: tuple[int, int], seed: int) -> None:
+    n, p = max(size), min(size)
+    stiefel = Stiefel()
+    x = stiefel.random_point((n, p), generator=generator(seed), dtype=F64)
+    a = x + stiefel.random_tangent(x, generator=generator(seed + 1))  # singular values >= 1
+    torch.testing.assert_close(polar_eigh(a), polar_svd(a), atol=1e-12, rtol=0)
+
+
+def test_qr_positive_has_positive_diagonal_of_r() -> None:
+    a = torch.randn(5, 7, 4, generator=generator(0), dtype=F64)
+    q = qr_positive(a)
+    r = q.mT @ a
+    assert (torch.diagonal(r, dim1=-2, dim2=-1) > 0).all()
+    torch.testing.assert_close(q @ r, a)
+
+
+@given(size=matrix_sizes, seed=seeds, scale=st.floats(0.05, 1.7))
+def test_newton_schulz_converges_to_the_polar_factor(size: tuple[int, int], seed: int, scale: float) -> None:
+    gen = generator(seed)
+    u, _, vh = torch.linalg.svd(torch.randn(size, generator=gen, dtype=F64), full_matrices=False)
+    sigma = torch.empty(min(size), dtype=F64).uniform_(scale / 2, scale, generator=gen)
+    a = u @ torch.diag(sigma) @ vh
+    iterations = newton_iterations_needed(float(sigma.min() ** 2), float(sigma.max() ** 2), 1e-14)
+    torch.testing.assert_close(newton_schulz(a, iterations), u @ vh, atol=1e-12, rtol=0)
+
+
+def test_newton_iteration_count_grows_with_the_interval() -> None:
+    counts = [newton_iterations_needed(low, 1.0, 1e-7) for low in (0.9, 0.5, 0.1, 0.01)]
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+    assert newton_iterations_needed(1.0, 1.0, 1e-7) == 0
+    with pytest.raises(ValueError, match="inside"):
+        newton_iterations_needed(0.5, 3.5, 1e-7)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.4, 3.0])
+def test_cayley_iteration_matches_the_exact_cayley_transform(t: float) -> None:
+    from manifold_opt.manifolds.stiefel import _cayley_exact
+
+    stiefel = Stiefel(retraction="cayley")
+    x = stiefel.random_point((4, 9, 3), generator=generator(3), dtype=F64)
+    u = t * stiefel.random_tangent(x, generator=generator(4))
+    u_bar = u - 0.5 * x @ (x.mT @ u)
+    torch.testing.assert_close(stiefel.retract(x, u), _cayley_exact(x, u_bar), atol=1e-13, rtol=0)
+
+
+def test_fixed_cayley_iterations_err_by_a_power_of_the_step() -> None:
+    """Li et al.'s two iterations: off the exact transform by O(t^4) for steps of size t."""
+    exact = Stiefel(retraction="cayley")
+    two = Stiefel(retraction="cayley", iterations=2)
+    x = exact.random_point((20, 5), generator=generator(5), dtype=F64)
+    u = exact.random_tangent(x, generator=generator(6))
+    u = u / u.norm()
+    gaps = [float((two.retract(x, u, t) - exact.retract(x, u, t)).norm()) for t in (0.1, 0.01)]
+    assert 0.5e-4 < gaps[1] / gaps[0] < 2e-4

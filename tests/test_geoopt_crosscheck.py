@@ -1,0 +1,98 @@
+"""Cross-checks against geoopt, and geoopt parameters stepped by our optimizers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+
+from manifold_opt import RiemannianAdam, RiemannianSGD, Sphere, Stiefel
+from manifold_opt.manifolds import GeooptManifold
+from manifold_opt.optim import manifold_of
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import geoopt
+
+F64 = torch.float64
+
+
+def procrustes_loss(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a @ x - b) ** 2).sum()
+
+
+def trajectories(make_ours, make_geoopt, manifold_geoopt, shape, steps: int = 30):  # noqa: ANN001, ANN201
+    gen = torch.Generator().manual_seed(0)
+    start = manifold_geoopt.projx(torch.randn(shape, generator=gen, dtype=F64))
+    a = torch.randn(shape[-2] + 2, shape[-2], generator=gen, dtype=F64)
+    b = torch.randn(shape[-2] + 2, shape[-1], generator=gen, dtype=F64)
+    ours = geoopt.ManifoldParameter(start.clone(), manifold=manifold_geoopt)
+    theirs = geoopt.ManifoldParameter(start.clone(), manifold=manifold_geoopt)
+    opt_ours, opt_theirs = make_ours([ours]), make_geoopt([theirs])
+    gaps = []
+    for _ in range(steps):
+        for p, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            procrustes_loss(p, a, b).backward()
+            opt.step()
+        gaps.append(float((ours - theirs).detach().abs().max()))
+    return gaps
+
+
+def test_sgd_on_euclidean_stiefel_follows_geoopts_trajectory() -> None:
+    """geoopt's RiemannianSGD on EuclideanStiefel is Stiefel(retraction="qr") in float64.
+
+    Without momentum: geoopt's first momentum step differs from torch.optim.SGD's (it
+    starts the buffer at the Euclidean gradient and then adds the Riemannian one), and
+    we follow torch.optim.
+    """
+    gaps = trajectories(
+        lambda ps: RiemannianSGD(ps, lr=0.02),
+        lambda ps: geoopt.optim.RiemannianSGD(ps, lr=0.02),
+        geoopt.EuclideanStiefel(),
+        (7, 3),
+    )
+    assert max(gaps) < 1e-12
+
+
+@pytest.mark.parametrize("manifold", [geoopt.EuclideanStiefel(), geoopt.Sphere()], ids=["stiefel", "sphere"])
+def test_adam_follows_geoopts_riemannian_adam(manifold) -> None:  # noqa: ANN001
+    """Same algorithm, eps placed identically; only rounding differs."""
+    gaps = trajectories(
+        lambda ps: RiemannianAdam(ps, lr=0.01),
+        lambda ps: geoopt.optim.RiemannianAdam(ps, lr=0.01),
+        manifold,
+        (3, 6, 4),
+    )
+    assert max(gaps) < 1e-10
+
+
+def test_geoopt_manifolds_map_onto_the_batched_implementations() -> None:
+    def mapped(manifold, shape):  # noqa: ANN001, ANN202
+        return manifold_of(geoopt.ManifoldParameter(manifold.projx(torch.randn(shape)), manifold=manifold))
+
+    assert mapped(geoopt.EuclideanStiefel(), (2, 5, 3)) == Stiefel(retraction="qr", batch_dims=1)
+    assert mapped(geoopt.Sphere(), (4, 6)) == Sphere(batch_dims=1)
+    assert mapped(geoopt.SphereExact(), (6,)) == Sphere(retraction="exp")
+    assert isinstance(mapped(geoopt.Stiefel(), (5, 3)), GeooptManifold)  # canonical metric: geoopt's own
+
+
+def test_other_geoopt_manifolds_are_stepped_by_geoopts_methods() -> None:
+    """A Poincaré-ball parameter follows geoopt's own RiemannianSGD trajectory."""
+    ball = geoopt.PoincareBall()
+    gen = torch.Generator().manual_seed(1)
+    start = ball.projx(0.3 * torch.randn(5, 2, generator=gen, dtype=F64))
+    target = ball.projx(0.3 * torch.randn(5, 2, generator=gen, dtype=F64))
+    ours = geoopt.ManifoldParameter(start.clone(), manifold=ball)
+    theirs = geoopt.ManifoldParameter(start.clone(), manifold=ball)
+    opt_ours = RiemannianSGD([ours], lr=0.1)
+    opt_theirs = geoopt.optim.RiemannianSGD([theirs], lr=0.1)
+    for _ in range(20):
+        for p, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            ball.dist(p, target).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    assert float(ball.dist(ours.detach(), target).max()) < float(ball.dist(start, target).max())

@@ -48,7 +48,8 @@ class ManifoldParameter(torch.nn.Parameter):
             manifold = Euclidean()
         if not isinstance(manifold, Manifold) and not is_geoopt_manifold(manifold):
             raise TypeError(
-                f"manifold must be a manifold_opt.manifolds.Manifold (or a geoopt manifold), got {type(manifold).__name__}"
+                "manifold must be a manifold_opt.manifolds.Manifold (or a geoopt manifold), "
+                f"got {type(manifold).__name__}"
             )
         if data is None:
             data = torch.empty(0)

@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 
-
 from manifold_opt import RiemannianAdam, RiemannianSGD, Sphere, Stiefel
 from manifold_opt.manifolds import GeooptManifold
 from manifold_opt.optim import manifold_of
@@ -23,7 +22,7 @@ def procrustes_loss(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return ((a @ x - b) ** 2).sum()
 
 
-def trajectories(make_ours, make_geoopt, manifold_geoopt, shape, steps: int = 30):  # noqa: ANN001, ANN201
+def trajectories(make_ours, make_geoopt, manifold_geoopt, shape, steps: int = 30):
     gen = torch.Generator().manual_seed(0)
     start = manifold_geoopt.projx(torch.randn(shape, generator=gen, dtype=F64))
     a = torch.randn(shape[-2] + 2, shape[-2], generator=gen, dtype=F64)
@@ -58,7 +57,7 @@ def test_sgd_on_euclidean_stiefel_follows_geoopts_trajectory() -> None:
 
 
 @pytest.mark.parametrize("manifold", [geoopt.EuclideanStiefel(), geoopt.Sphere()], ids=["stiefel", "sphere"])
-def test_adam_follows_geoopts_riemannian_adam(manifold) -> None:  # noqa: ANN001
+def test_adam_follows_geoopts_riemannian_adam(manifold) -> None:
     """Same algorithm, eps placed identically; only rounding differs."""
     gaps = trajectories(
         lambda ps: RiemannianAdam(ps, lr=0.01),
@@ -70,7 +69,7 @@ def test_adam_follows_geoopts_riemannian_adam(manifold) -> None:  # noqa: ANN001
 
 
 def test_geoopt_manifolds_map_onto_the_batched_implementations() -> None:
-    def mapped(manifold, shape):  # noqa: ANN001, ANN202
+    def mapped(manifold, shape):
         return manifold_of(geoopt.ManifoldParameter(manifold.projx(torch.randn(shape)), manifold=manifold))
 
     assert mapped(geoopt.EuclideanStiefel(), (2, 5, 3)) == Stiefel(retraction="qr", batch_dims=1)

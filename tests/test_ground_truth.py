@@ -29,7 +29,7 @@ def symmetric_with_spectrum(eigenvalues: torch.Tensor, seed: int) -> tuple[torch
     return q @ torch.diag(eigenvalues) @ q.T, q
 
 
-def minimize(opt: torch.optim.Optimizer, loss_fn, steps: int) -> None:  # noqa: ANN001
+def minimize(opt: torch.optim.Optimizer, loss_fn, steps: int) -> None:
     for _ in range(steps):
         opt.zero_grad()
         loss_fn().backward()
@@ -65,7 +65,9 @@ def test_orthogonal_procrustes_reaches_the_polar_factor(stiefel: Stiefel, optimi
     gen = torch.Generator().manual_seed(3)
     n = 6
     a = torch.randn(10, n, generator=gen, dtype=F64)
-    b = a @ Stiefel().random_point((n, n), generator=gen, dtype=F64) + 0.1 * torch.randn(10, n, generator=gen, dtype=F64)
+    b = a @ Stiefel().random_point((n, n), generator=gen, dtype=F64) + 0.1 * torch.randn(
+        10, n, generator=gen, dtype=F64
+    )
     u, _, vh = torch.linalg.svd(a.T @ b)
     optimum = u @ vh
     start = Stiefel().random_point((n, n), generator=gen, dtype=F64)

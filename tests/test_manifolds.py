@@ -140,7 +140,8 @@ def test_batched_equals_per_item(case: Case, data: st.DataObject, t: float) -> N
         torch.testing.assert_close(batched[0][i], single[0], atol=1e-12, rtol=0)
         torch.testing.assert_close(batched[1][i], single[1], atol=1e-12, rtol=0)
     torch.testing.assert_close(
-        case.manifold.inner(x, u, v).reshape(count), torch.stack([case.manifold.inner(x[i], u[i], v[i]).reshape(()) for i in range(count)])
+        case.manifold.inner(x, u, v).reshape(count),
+        torch.stack([case.manifold.inner(x[i], u[i], v[i]).reshape(()) for i in range(count)]),
     )
 
 

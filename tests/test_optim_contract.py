@@ -142,7 +142,7 @@ def test_closure_hooks_and_zero_grad() -> None:
         lambda ps: RiemannianAdam(ps, lr=0.1, weight_decay=0.1, amsgrad=True, maximize=True),
     ],
 )
-def test_gradients_are_never_modified(make) -> None:  # noqa: ANN001
+def test_gradients_are_never_modified(make) -> None:
     params = [ManifoldParameter(torch.randn(6, 3), Stiefel()), torch.randn(4, requires_grad=True)]
     opt = make(params)
     for _ in range(2):
@@ -167,7 +167,7 @@ def test_gradients_are_never_modified(make) -> None:  # noqa: ANN001
         (lambda: RiemannianAdam([torch.zeros(1, requires_grad=True)], nonfinite="ignore"), "nonfinite"),
     ],
 )
-def test_invalid_hyperparameters_raise_value_errors_naming_them(make, name: str) -> None:  # noqa: ANN001
+def test_invalid_hyperparameters_raise_value_errors_naming_them(make, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         make()
 

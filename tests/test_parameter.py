@@ -83,7 +83,7 @@ def test_module_to_keeps_the_parameter() -> None:
     assert model.conv.weight.dtype == torch.float64 and model.conv.weight.manifold == Stiefel()
 
 
-def test_checkpoint_round_trip_with_weights_only(tmp_path) -> None:  # noqa: ANN001
+def test_checkpoint_round_trip_with_weights_only(tmp_path) -> None:
     """torch.save({"model": ..., "opt": ...}) loads with weights_only=True and training resumes
     exactly; the checkpoint loads into a plain model and back."""
     torch.manual_seed(0)

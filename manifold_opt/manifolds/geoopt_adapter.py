@@ -96,6 +96,6 @@ class GeooptManifold(Manifold):
             return gap
         return gap.flatten(-self.point_ndim).amax(-1)
 
-    def random_point(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:  # noqa: ANN001
+    def random_point(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         del generator  # geoopt samplers use the global generator
         return torch.as_tensor(self.manifold.random(*shape, dtype=dtype, device=device))

@@ -92,10 +92,8 @@ def newton_schulz(y: Tensor, iterations: int) -> Tensor:
     """
     wide = y.shape[-2] < y.shape[-1]
     for _ in range(iterations):
-        if wide:
-            y = 1.5 * y - 0.5 * (y @ y.mT) @ y
-        else:
-            y = 1.5 * y - 0.5 * y @ (y.mT @ y)
+        cubic = (y @ y.mT) @ y if wide else y @ (y.mT @ y)
+        y = 1.5 * y - 0.5 * cubic
     return y
 
 
@@ -131,4 +129,3 @@ def spectral_norm_bound(a: Tensor) -> Tensor:
     """
     abs_a = a.abs()
     return torch.sqrt(abs_a.sum(-2).amax(-1) * abs_a.sum(-1).amax(-1))
-

@@ -93,9 +93,7 @@ class Stiefel(EmbeddedManifold):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.retraction not in STIEFEL_RETRACTIONS:
-            raise ValueError(
-                f"unknown Stiefel retraction {self.retraction!r}; choose one of {STIEFEL_RETRACTIONS}"
-            )
+            raise ValueError(f"unknown Stiefel retraction {self.retraction!r}; choose one of {STIEFEL_RETRACTIONS}")
         if self.iterations is not None:
             if self.retraction not in ("cayley", "newton"):
                 raise ValueError(

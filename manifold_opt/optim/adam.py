@@ -71,7 +71,9 @@ class RiemannianAdam(BucketedOptimizer):
             check_nonnegative(f"betas[{index}]", beta)
             if beta >= 1:
                 raise ValueError(f"betas[{index}] must be in [0, 1), got {beta!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
@@ -86,7 +88,9 @@ class RiemannianAdam(BucketedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros(second_moment_shape, dtype=dtype, device=param.device)
 
-    def _step_bucket(self, group: dict[str, Any], bucket: Bucket) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _step_bucket(
+        self, group: dict[str, Any], bucket: Bucket
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         for state in bucket.states:
             state["step"] += 1
         beta1, beta2 = group["betas"]

@@ -50,32 +50,67 @@ def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
 class Bucket:
     """Parameters stepped together, stacked in the points layout.
 
-    ``x`` and ``grad`` are ``(num_points, *point_shape)`` tensors in the geometry dtype;
-    ``sizes`` are the numbers of points of each parameter, in order.
+    ``x`` and ``grad`` are ``(num_points, *point_shape)`` tensors in the geometry dtype.
+    Stacking flattens each tensor and concatenates, so a bucket costs a few tensor
+    operations per parameter whatever its manifold.
     """
 
     manifold: Manifold
+    point_shape: tuple[int, ...]
     params: list[Tensor]
     states: list[dict[str, Any]]
-    sizes: list[int]
     x: Tensor
     grad: Tensor
 
+    @classmethod
+    def gather(
+        cls,
+        manifold: Manifold,
+        point_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> Bucket:
+        return cls(
+            manifold=manifold,
+            point_shape=point_shape,
+            params=params,
+            states=states,
+            x=_stack([p.detach() for p in params], point_shape, dtype),
+            grad=_stack([p.grad for p in params], point_shape, dtype),
+        )
+
     def stack_state(self, name: str) -> Tensor:
-        """Stack a per-parameter state tensor (parameter layout) into the points layout."""
-        return torch.cat([self._points(state[name]) for state in self.states])
+        """Stack a tangent-vector state (parameter layout) into the points layout."""
+        return _stack([state[name] for state in self.states], self.point_shape, self.x.dtype)
 
     def stack_second_moment(self, name: str) -> Tensor:
         """Stack a one-scalar-per-point state into ``(num_points, 1, ..., 1)``."""
-        shape = (-1,) + (1,) * self.manifold.point_ndim
-        return torch.cat([state[name].reshape(shape) for state in self.states])
+        return _stack([state[name] for state in self.states], (1,) * self.manifold.point_ndim, self.x.dtype)
 
-    def unstack(self, stacked: Tensor) -> list[Tensor]:
-        """Split a points-layout tensor back into per-parameter pieces (views)."""
-        return list(torch.split(stacked, self.sizes))
+    def write_params(self, stacked: Tensor) -> None:
+        """Copy stacked points back into the parameters (cast to their dtype)."""
+        _scatter(stacked, [p.detach() for p in self.params])
 
-    def _points(self, tensor: Tensor) -> Tensor:
-        return self.manifold.to_points(tensor.to(self.x.dtype))
+    def write_state(self, name: str, stacked: Tensor, per_point: bool = False) -> None:
+        """Copy a stacked state back into each parameter's state, creating it on first use
+        in the parameter's shape (tangent vectors) or batch shape (``per_point``)."""
+        targets = []
+        for param, state in zip(self.params, self.states):
+            if name not in state:
+                shape = self.manifold.batch_shape(param.shape) if per_point else param.shape
+                state[name] = torch.empty(shape, dtype=stacked.dtype, device=stacked.device)
+            targets.append(state[name])
+        _scatter(stacked, targets)
+
+
+def _stack(tensors: list[Tensor], point_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.flatten() for t in tensors]).to(dtype).view(-1, *point_shape)
+
+
+def _scatter(stacked: Tensor, targets: list[Tensor]) -> None:
+    pieces = torch.split(stacked.reshape(-1), [t.numel() for t in targets])
+    torch._foreach_copy_(targets, [piece.view_as(t) for piece, t in zip(pieces, targets)])
 
 
 class BucketedOptimizer(torch.optim.Optimizer):
@@ -139,15 +174,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     continue
                 new_x, tangents, per_point = self._step_bucket(group, bucket)
                 self.reprojected_points += keep_on_manifold(bucket.manifold, new_x, list(tangents.values()))
-                self._write_back(bucket, new_x)
+                bucket.write_params(new_x)
                 for name, stacked in tangents.items():
-                    self._store_tangent(bucket, name, stacked)
+                    bucket.write_state(name, stacked)
                 for name, stacked in per_point.items():
-                    self._store_per_point(bucket, name, stacked)
+                    bucket.write_state(name, stacked, per_point=True)
         return loss
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
-        grouped: dict[Hashable, list[tuple[Tensor, Manifold]]] = {}
+        grouped: dict[Hashable, list[Tensor]] = {}
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -159,57 +194,28 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if not state:
                 self._init_state(group, param, manifold, dtype)
             key = (manifold, manifold.point_shape(param.shape), dtype, param.device, self._bucket_key(state))
-            grouped.setdefault(key, []).append((param, manifold))
-        buckets = []
-        for (manifold, _, dtype, _, _), members in grouped.items():
-            params = [param for param, _ in members]
-            points = [manifold.to_points(param.detach()) for param in params]
-            grads = [manifold.to_points(param.grad) for param in params]
-            buckets.append(
-                Bucket(
-                    manifold=manifold,
-                    params=params,
-                    states=[self.state[param] for param in params],
-                    sizes=[len(p) for p in points],
-                    x=torch.cat(points).to(dtype),
-                    grad=torch.cat(grads).to(dtype),
-                )
-            )
-        return buckets
+            grouped.setdefault(key, []).append(param)
+        return [
+            Bucket.gather(manifold, point_shape, dtype, params, [self.state[p] for p in params])
+            for (manifold, point_shape, dtype, _, _), params in grouped.items()
+        ]
 
     def _gradient_is_finite(self, bucket: Bucket) -> bool:
-        if bool(torch.isfinite(bucket.grad).all()):
+        # A sum is non-finite iff an entry is (or the sum overflows, at gradients near the
+        # dtype's maximum); it is far cheaper than isfinite().all() on CPU.
+        total = bucket.grad.sum(dtype=torch.promote_types(bucket.grad.dtype, torch.float32))
+        if math.isfinite(float(total)):
             return True
-        names = ", ".join(f"{tuple(p.shape)}" for p in bucket.params)
+        shapes = ", ".join(f"{tuple(p.shape)}" for p in bucket.params)
         message = (
             f"non-finite gradient in a bucket of {len(bucket.params)} parameter(s) on {bucket.manifold!r} "
-            f"(shapes {names})"
+            f"(shapes {shapes})"
         )
         if self.nonfinite == "raise":
             raise FloatingPointError(message + "; pass nonfinite='skip' to skip such steps instead")
         self.skipped_steps += 1
         warnings.warn(message + ": step skipped, parameters and state unchanged", RuntimeWarning, stacklevel=3)
         return False
-
-    @staticmethod
-    def _write_back(bucket: Bucket, new_x: Tensor) -> None:
-        pieces = bucket.unstack(new_x)
-        for param, piece in zip(bucket.params, pieces):
-            param.copy_(piece.reshape(param.shape))
-
-    @staticmethod
-    def _store_tangent(bucket: Bucket, name: str, stacked: Tensor) -> None:
-        """Write a stacked tangent-vector state back into each parameter's state, in the
-        parameter's own shape."""
-        for param, state, piece in zip(bucket.params, bucket.states, bucket.unstack(stacked)):
-            state[name] = piece.reshape(param.shape)
-
-    @staticmethod
-    def _store_per_point(bucket: Bucket, name: str, stacked: Tensor) -> None:
-        """Write a stacked one-scalar-per-point state back, shaped as the parameter's batch
-        of points (the parameter's own shape for Euclidean parameters)."""
-        for param, state, piece in zip(bucket.params, bucket.states, bucket.unstack(stacked)):
-            state[name] = piece.reshape(bucket.manifold.batch_shape(param.shape))
 
     # ----------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -64,17 +64,25 @@ class RiemannianSGD(BucketedOptimizer):
             check_nonnegative(name, value)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
-                f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={momentum!r}, dampening={dampening!r}"
+                "nesterov=True needs momentum > 0 and dampening = 0, "
+                f"got momentum={momentum!r}, dampening={dampening!r}"
             )
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         return "momentum_buffer" in state
 
-    def _step_bucket(self, group: dict[str, Any], bucket: Bucket) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _step_bucket(
+        self, group: dict[str, Any], bucket: Bucket
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         has_buffer = "momentum_buffer" in bucket.states[0]
         new_x, buffer = sgd_update(
             bucket.manifold,

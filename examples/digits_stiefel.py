@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 from sklearn.datasets import load_digits
@@ -39,7 +40,14 @@ def make_model(constrained: bool, seed: int) -> nn.Module:
     return model
 
 
-def train(name: str, constrained: bool, make_optimizer, data, epochs: int, seed: int) -> dict:  # noqa: ANN001
+def train(
+    name: str,
+    constrained: bool,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    data: tuple[torch.Tensor, ...],
+    epochs: int,
+    seed: int,
+) -> dict[str, str]:
     x_train, y_train, x_test, y_test = data
     model = make_model(constrained, seed)
     optimizer = make_optimizer(model.parameters())

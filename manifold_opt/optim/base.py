@@ -141,6 +141,12 @@ class BucketedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------ subclass API
+    def _manifold(self, param: Tensor) -> Manifold:
+        """The manifold ``param`` is stepped on (default: :func:`manifold_of`). Subclasses
+        that assign geometry themselves (e.g. PSI-SGD's detection of scale-invariant
+        weights) override this."""
+        return manifold_of(param)
+
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         """Extra bucket key from a parameter's state (e.g. Adam's step count)."""
         return None
@@ -188,7 +194,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            manifold = manifold_of(param)
+            manifold = self._manifold(param)
             dtype = geometry_dtype(manifold, param.dtype)
             state = self.state[param]
             if not state:

@@ -1,0 +1,99 @@
+"""Shared helpers for the benchmark scripts: data, timing, tables, plots, output files."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def digits(seed: int = 0, test_size: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sklearn's 8x8 digits (1797 images, offline), standardized with training statistics.
+
+    Returns ``x_train, y_train, x_test, y_test`` with images of shape ``(N, 64)``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-3
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+def time_call(function: Callable[[], Any], *, repeats: int = 7, min_seconds: float = 0.05, warmup: int = 2) -> float:
+    """Median seconds per call of ``function`` (each repeat loops until ``min_seconds``)."""
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(repeats):
+        count, start = 0, time.perf_counter()
+        while True:
+            function()
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        samples.append(elapsed / count)
+    return statistics.median(samples)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (dicts), columns in the order of ``columns`` or the first row."""
+    columns = list(columns or rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def machine_note() -> str:
+    """One line naming the machine and versions, for the top of a results file."""
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
+
+
+def write_results(name: str, title: str, sections: Sequence[str], command: str) -> Path:
+    """Write ``benchmarks/results/<name>.md`` with a title, how it was made, and the sections."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    header = f"# {title}\n\nMade by `{command}` on {time.strftime('%Y-%m-%d')} ({machine_note()}).\n"
+    path.write_text(header + "\n" + "\n\n".join(sections) + "\n")
+    return path
+
+
+def save_figure(figure: Any, name: str) -> Path:
+    """Save a matplotlib figure as ``benchmarks/results/<name>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def progress(iterable: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]:
+    """A tqdm progress bar on stderr (plain iteration when tqdm is missing)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=description, total=total, leave=False)

@@ -34,8 +34,8 @@ def qr_positive(a: Tensor) -> Tensor:
     Shapes: ``a (..., n, p)`` with ``n >= p`` -> ``(..., n, p)``.
     """
     q, r = torch.linalg.qr(a)
-    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(a.dtype)
-    return q * signs.unsqueeze(-2)
+    negative = torch.diagonal(r, dim1=-2, dim2=-1).unsqueeze(-2) < 0
+    return torch.where(negative, -q, q)
 
 
 def polar_svd(a: Tensor) -> Tensor:

@@ -17,17 +17,16 @@ from .linalg import (
     polar_eigh,
     polar_svd,
     qr_positive,
-    spectral_norm_bound,
     sym,
 )
 
 STIEFEL_RETRACTIONS = ("qr", "polar", "cayley", "newton")
 
-# Lower bound assumed for the eigenvalues of (X + u)^T (X + u). It is exactly 1 for X on
-# the manifold and u tangent; 0.9 leaves room for residual drift and rounding.
-_NEWTON_LAMBDA_LOW = 0.9
-# Above this bound on the largest eigenvalue, the Gram matrix is scaled into (0, 1].
-_NEWTON_SCALE_ABOVE = 2.0
+# Newton retraction: with S = (X + u)^T (X + u) and delta = ||S - I||_F, the eigenvalues of
+# S lie in [1 - delta, 1 + delta]. Points with delta above this are scaled by 1 / (1 + delta)
+# (their eigenvalues are >= 1 for X on the manifold and u tangent, so they land in
+# [1 / (1 + delta), 1]).
+_NEWTON_SCALE_ABOVE = 0.9
 # The fixed-point Cayley iteration contracts by q = ||t u_bar||_F; above this the exact
 # (Woodbury) solve is cheaper than the iterations it would need.
 _CAYLEY_EXACT_ABOVE = 0.5
@@ -227,19 +226,28 @@ def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
 def _newton_polar(a: Tensor, iterations: int | None) -> Tensor:
     r"""Polar factor of tall ``a = X + u`` by :func:`newton_schulz`.
 
-    The squared singular values of ``a`` lie in :math:`[1, 1 + \|u\|_2^2]` for ``X`` on the
-    manifold and ``u`` tangent. A point whose bound on the largest exceeds 2 is scaled by
-    its inverse square root (into ``(0, 1]``); with ``iterations=None`` the count comes from
-    the worst interval over the batch (:func:`newton_iterations_needed`).
+    With :math:`S = A^\top A` and :math:`\delta = \|S - I\|_F`, the eigenvalues of ``S``
+    lie in :math:`[1 - \delta, 1 + \delta]` (Weyl). A point with
+    :math:`\delta > 0.9` is scaled by :math:`(1 + \delta)^{-1/2}`, which puts them in
+    :math:`[1/(1+\delta), 1]` for ``X`` on the manifold and ``u`` tangent. With
+    ``iterations=None`` the count comes from the worst interval over the batch
+    (:func:`newton_iterations_needed`). ``S`` also serves the first iteration.
     """
-    high = spectral_norm_bound(a.mT @ a)  # >= largest squared singular value
-    scale = torch.where(high > _NEWTON_SCALE_ABOVE, high, torch.ones_like(high))
+    s = a.mT @ a
+    eye = identity_like(s)
+    delta = torch.linalg.matrix_norm(s - eye)
+    scale = torch.where(delta > _NEWTON_SCALE_ABOVE, 1 + delta, torch.ones_like(delta))[..., None, None]
     if iterations is None:
-        worst = float(high.max()) if high.numel() else 1.0
+        worst = float(delta.max()) if delta.numel() else 0.0
         if not math.isfinite(worst):
             return polar_svd(a)
-        # unscaled points have values in [low, worst <= 2], scaled ones in [low / high, 1]
-        low = _NEWTON_LAMBDA_LOW / worst if worst > _NEWTON_SCALE_ABOVE else _NEWTON_LAMBDA_LOW
-        top = max(min(worst, _NEWTON_SCALE_ABOVE), low)
-        iterations = newton_iterations_needed(low, top, 8 * torch.finfo(a.dtype).eps)
-    return newton_schulz(a * scale.rsqrt()[..., None, None], iterations)
+        if worst <= _NEWTON_SCALE_ABOVE:
+            low, high = 1 - worst, 1 + worst
+        else:  # a mix of unscaled points and points scaled into [1 / (1 + worst), 1]
+            low, high = min(1 - _NEWTON_SCALE_ABOVE, 1 / (1 + worst)), 1 + _NEWTON_SCALE_ABOVE
+        iterations = newton_iterations_needed(max(low, 1e-12), high, 8 * torch.finfo(a.dtype).eps)
+    y = a * scale.rsqrt()
+    if iterations == 0:
+        return y
+    y = y @ (1.5 * eye - (0.5 / scale) * s)  # the first Newton–Schulz step, reusing S
+    return newton_schulz(y, iterations - 1)

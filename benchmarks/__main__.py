@@ -1,0 +1,48 @@
+"""Run every benchmark: ``python -m benchmarks [--quick] [topic ...]``.
+
+Each topic is a module ``benchmarks/<topic>.py`` with a ``main()``; it runs in its own
+process and writes its tables and plots to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NOT_TOPICS = {"__init__", "__main__", "common"}
+
+
+def topics() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in NOT_TOPICS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the benchmarks (all, or the topics named).")
+    parser.add_argument("topics", nargs="*", help=f"any of: {', '.join(topics())}")
+    parser.add_argument("--quick", action="store_true", help="small runs (a few minutes in all)")
+    args = parser.parse_args()
+    chosen = args.topics or topics()
+    unknown = sorted(set(chosen) - set(topics()))
+    if unknown:
+        parser.error(f"unknown topic(s) {unknown}; choose from {topics()}")
+    failed = []
+    for index, topic in enumerate(chosen, 1):
+        print(f"[{index}/{len(chosen)}] benchmarks.{topic}", flush=True)
+        start = time.perf_counter()
+        command = [sys.executable, "-m", f"benchmarks.{topic}"] + (["--quick"] if args.quick else [])
+        result = subprocess.run(command, cwd=HERE.parent, stdout=subprocess.DEVNULL, check=False)
+        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        print(f"    {status} in {time.perf_counter() - start:.0f} s", flush=True)
+        if result.returncode:
+            failed.append(topic)
+    print(f"results in {HERE / 'results'}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

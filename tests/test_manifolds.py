@@ -75,13 +75,17 @@ def test_retraction_agrees_to_first_order(case: Case, data: st.DataObject) -> No
 @pytest.mark.parametrize("case", WITH_ORDER, ids=str)
 @given(data=st.data())
 def test_retraction_order_by_log_log_slope(case: Case, data: st.DataObject) -> None:
-    """Manopt's checkretraction: slope >= 2 for every retraction, >= 3 (to 0.1) for second order."""
+    """Manopt's checkretraction: slope 2 for a first-order retraction, 3 for a second-order one.
+
+    A fitted slope of an O(t^3) error sits at 3 - O(t) (2.994 to 2.998 over 200 random
+    cases of polar, newton and the sphere), hence the thresholds 2.95 and 1.9.
+    """
     x, gen = draw_point(case, data)
     u = case.manifold.random_tangent(x, generator=gen)
     assume(float(u.norm()) > 1e-3)
     check = check_retraction(case.manifold, x, u / u.norm())
     assume(check.errors.max() > 1e-10)  # e.g. St(n, n-1) where a retraction can coincide with Exp
-    assert check.slope > (2.9 if case.order == 2 else 1.9), check
+    assert check.slope > (2.95 if case.order == 2 else 1.9), check
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

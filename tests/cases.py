@@ -8,7 +8,8 @@ import torch
 from hypothesis import strategies as st
 
 from manifold_opt import Euclidean, Sphere, Stiefel
-from manifold_opt.manifolds import Manifold
+from manifold_opt.manifolds import ConditionedSpectrum, Manifold
+from manifold_opt.manifolds.psi import PSI
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ CASES = [
     Case("stiefel-cayley-2", Stiefel(retraction="cayley", iterations=2), 1, exact=False),
     Case("stiefel-newton", Stiefel(retraction="newton"), 2),
     Case("stiefel-newton-3", Stiefel(retraction="newton", iterations=3), 1, exact=False),
+    Case("spectrum-kappa", ConditionedSpectrum(kappa=4.0), 0),  # a set with interior: order 0 = Exp inside
+    Case("spectrum-band", ConditionedSpectrum(sigma_min=0.5, sigma_max=2.0), 0),
+    Case("spectrum-newton", ConditionedSpectrum(sigma_min=0.5, sigma_max=2.0, retraction="newton"), 0, exact=False),
+    Case("psi", PSI(), 1),
 ]
 CURVED = [case for case in CASES if case.id != "euclidean"]
 WITH_ORDER = [case for case in CURVED if case.order > 0]
@@ -47,9 +52,9 @@ EXACT = [case for case in CASES if case.exact]
 
 def point_shapes(manifold: Manifold) -> st.SearchStrategy[tuple[int, ...]]:
     """Shapes of one point: tall, wide and square matrices for Stiefel."""
-    if isinstance(manifold, Stiefel):
+    if isinstance(manifold, (Stiefel, ConditionedSpectrum)):
         return st.tuples(st.integers(1, 7), st.integers(1, 7))
-    if isinstance(manifold, Sphere):
+    if manifold.point_ndim == 1:  # Sphere, PSI: vectors of at least 2 coordinates
         return st.tuples(st.integers(2, 9))
     return st.just(())
 

@@ -1,0 +1,290 @@
+"""PSI-SGD: SGD on the PSI manifold for the scale-invariant weights, plain SGD elsewhere."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..manifolds import Manifold
+from ..manifolds.psi import PSI
+from .base import EUCLIDEAN, Bucket, manifold_of
+from .psi_detection import gather_statistics
+from .sgd import RiemannianSGD
+
+PSI_ROWS = PSI(batch_dims=1)
+DETECTABLE_DTYPES = (torch.float32, torch.float64)
+
+
+class PSISGD(RiemannianSGD):
+    r"""PSI-SGD (Yi, Meng, Chen, Ma, arXiv 2101.02916): scale-invariant training of BatchNorm networks.
+
+    .. code-block:: text
+
+        input: lr η, momentum μ, dampening δ, nesterov, weight decay λ (other parameters),
+               invariant weight decay λ' (PSI groups, default 0)
+        for each scale-invariant group θ (row of a weight feeding a BN channel) with gradient g:
+            r ← ‖θ‖² (g − <g, θ̂>θ̂)                        Riemannian gradient on PSI
+            m ← r at the first step, else μ m + (1 − δ) r
+            d ← r + μ m if nesterov else m                  (d = r without momentum)
+            θ ← (1 − ηλ')(θ − η d);  m ← m − <m, θ̂>θ̂        horizontal at the new θ
+        every other parameter: torch.optim.SGD with (η, μ, δ, nesterov, λ), bit for bit
+
+    The defining property: for an invariant group, ``∇L(cθ) = ∇L(θ)/c``, so the update
+    is equivariant, ``θ'₀ = cθ₀ ⇒ θ'_t = cθ_t`` (and ``m'_t = c m_t``): starting points
+    that compute the same function train along the same trajectory of functions,
+    whatever the scale of each group. The angular step of a group is
+    ``η‖∇L(θ̂)‖`` (``/(1 − μ)`` in steady state with momentum), independent of ``‖θ‖``;
+    plain SGD's is ``η‖∇L(θ̂)‖/‖θ‖²``.
+
+    **Which parameters are PSI groups.** A parameter declared ``ManifoldParameter(w,
+    PSI())`` (or by :func:`~manifold_opt.declare_psi`) is one; a parameter declared on
+    any other manifold is stepped by Riemannian SGD on it. Undeclared parameters are
+    classified from their gradient (``detect=True``): a floating-point (float32/64)
+    parameter with ``dim >= 2``, rows of ``>= 2`` entries and no zero row is a PSI
+    parameter (one group per output row) when every row with a nonzero gradient has a
+    radial cosine ``|<g_i, θ_i>|/(‖g_i‖‖θ_i‖) <= tolerance`` (exactly 0 for an invariant
+    row, up to rounding and the normalization's ``eps``; of order ``1/√d`` otherwise).
+    The verdict is taken at the parameter's first step with a nonzero gradient and
+    applied at once, then checked again at each of its next ``verify_steps - 1`` steps;
+    a failed check demotes the parameter to plain SGD for good (its momentum restarts)
+    with a ``RuntimeWarning``. Biases, BN/LN affine parameters, the head, layers not
+    followed by normalization, weights read by a second, unnormalized path, half-precision
+    parameters (whose gradients are too coarse to tell) and whole-tensor invariances
+    (LayerNorm) are never *detected*: declare the latter with ``PSI(batch_dims=0)``.
+    :meth:`invariance_report` tells what was decided and why. Verdicts live in the
+    optimizer state, so a resumed run keeps them.
+
+    Args:
+        params: iterable of tensors, of ``(name, tensor)`` pairs (names appear in the
+            report) or of param-group dicts.
+        lr: learning rate η (default 0.05).
+        momentum: momentum factor μ (default 0.9).
+        dampening: dampening δ of the momentum (default 0).
+        weight_decay: L2 penalty λ of the parameters that are not PSI groups (default 0).
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+        invariant_weight_decay: λ' (default 0), a decoupled shrink ``θ ← (1 − ηλ')θ`` of
+            each PSI group after its step. It does not change the function; with momentum
+            it enlarges later angular steps relative to ``‖θ‖`` (the role weight decay
+            plays for BN networks under SGD). The equivariance holds for any λ'.
+        detect: classify undeclared parameters from their gradients (default True);
+            False makes them all Euclidean.
+        tolerance: largest radial cosine of an invariant row (default 1e-4).
+        verify_steps: steps with a gradient over which a detected (or declared PSI)
+            parameter is checked (default 5); a declared one that fails gets a warning.
+        maximize: maximize the objective instead of minimizing it.
+        nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from manifold_opt import PSISGD
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        >>> opt = PSISGD(net.named_parameters())
+        >>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        >>> nn.functional.cross_entropy(net(x), y).backward(); opt.step()
+        >>> [(row["name"], row["verdict"]) for row in opt.invariance_report()]  # doctest: +NORMALIZE_WHITESPACE
+        [('0.weight', 'psi'), ('0.bias', 'euclidean'), ('1.weight', 'euclidean'),
+         ('1.bias', 'euclidean'), ('3.weight', 'euclidean'), ('3.bias', 'euclidean')]
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        invariant_weight_decay: float = 0.0,
+        detect: bool = True,
+        tolerance: float = 1e-4,
+        verify_steps: int = 5,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+            raise ValueError(f"tolerance must be a radial cosine in (0, 1), got {tolerance!r}")
+        if not isinstance(verify_steps, int) or isinstance(verify_steps, bool) or verify_steps < 1:
+            raise ValueError(f"verify_steps must be an int >= 1, got {verify_steps!r}")
+        if not isinstance(invariant_weight_decay, (int, float)) or not math.isfinite(invariant_weight_decay):
+            raise ValueError(f"invariant_weight_decay must be a finite number >= 0, got {invariant_weight_decay!r}")
+        if invariant_weight_decay < 0:
+            raise ValueError(f"invariant_weight_decay must be a finite number >= 0, got {invariant_weight_decay!r}")
+        self.detect = bool(detect)
+        self.tolerance = float(tolerance)
+        self.verify_steps = verify_steps
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            nonfinite=nonfinite,
+        )
+        self.defaults["invariant_weight_decay"] = invariant_weight_decay  # for add_param_group
+        for group in self.param_groups:
+            group.setdefault("invariant_weight_decay", invariant_weight_decay)
+
+    # ------------------------------------------------------------- geometry
+    def _manifold(self, param: Tensor) -> Manifold:
+        if getattr(param, "manifold", None) is not None:
+            return manifold_of(param)
+        return PSI_ROWS if self.state[param].get("invariance") == "psi" else EUCLIDEAN
+
+    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        self._classify(group)
+        return super()._buckets(group)
+
+    def _step_bucket(
+        self, group: dict[str, Any], bucket: Bucket
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        if not isinstance(bucket.manifold, PSI):
+            return super()._step_bucket(group, bucket)
+        decay = group["invariant_weight_decay"]
+        if not isinstance(decay, (int, float)) or not 0 <= decay * group["lr"] < 1:
+            raise ValueError(
+                f"invariant_weight_decay * lr must be in [0, 1) (a shrink factor 1 - lr * decay > 0), got "
+                f"invariant_weight_decay={decay!r}, lr={group['lr']!r}"
+            )
+        new_x, tangents, per_point = super()._step_bucket({**group, "weight_decay": 0.0}, bucket)
+        if decay:
+            new_x.mul_(1 - group["lr"] * decay)
+        return new_x, tangents, per_point
+
+    # ------------------------------------------------------------ detection
+    def _classify(self, group: dict[str, Any]) -> None:
+        """Check the parameters of ``group`` whose verdict is open, with one synchronization."""
+        pending: list[tuple[Tensor, int]] = []
+        for param in group["params"]:
+            if param.grad is None or param.grad.is_sparse:
+                continue
+            state = self.state[param]
+            declared = getattr(param, "manifold", None)
+            if declared is not None:
+                if isinstance(declared, PSI) and _detectable(param) and state.get("checks", 0) < self.verify_steps:
+                    pending.append((param, declared.batch_dims))
+                continue
+            if not self.detect:
+                continue
+            verdict = state.get("invariance")
+            if verdict == "euclidean" or (verdict == "psi" and state["checks"] >= self.verify_steps):
+                continue
+            if verdict is None:
+                reason = _ineligible(param)
+                if reason is not None:
+                    state.update(invariance="euclidean", reason=reason)
+                    continue
+            pending.append((param, 1))
+        if not pending:
+            return
+        statistics = gather_statistics([(p, p.grad, batch_dims) for p, batch_dims in pending])
+        for (param, _), (max_cos, determined, zero_groups, tensor_cos) in zip(pending, statistics):
+            if math.isnan(max_cos) or determined == 0:
+                continue  # a non-finite or zero gradient carries no evidence
+            state = self.state[param]
+            state["radial_cosine"] = max_cos
+            state["tensor_cosine"] = tensor_cos
+            passed = max_cos <= self.tolerance and zero_groups == 0
+            if getattr(param, "manifold", None) is not None:
+                self._check_declared(param, state, passed, max_cos)
+            elif passed:
+                if state.get("invariance") is None:
+                    state.pop("momentum_buffer", None)  # Euclidean steps taken while undetermined
+                    state.update(invariance="psi", checks=0, reason="radial cosine of every row <= tolerance")
+                state["checks"] += 1
+            else:
+                self._reject(param, state, max_cos, zero_groups)
+
+    def _reject(self, param: Tensor, state: dict[str, Any], max_cos: float, zero_groups: float) -> None:
+        why = f"a zero row ({int(zero_groups)} of them)" if zero_groups else f"radial cosine {max_cos:.3g} > tolerance"
+        if state.get("invariance") == "psi":
+            state.pop("momentum_buffer", None)
+            warnings.warn(
+                f"PSISGD: parameter {self._name(param)} of shape {tuple(param.shape)} looked scale invariant for "
+                f"{state['checks']} step(s) but now has {why} ({self.tolerance:g}); it is stepped by plain SGD from "
+                f"now on (momentum restarted). Declare it Euclidean or PSI explicitly to avoid this",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            why += f" at check {state['checks'] + 1} (demoted)"
+        state.update(invariance="euclidean", reason=why)
+
+    def _check_declared(self, param: Tensor, state: dict[str, Any], passed: bool, max_cos: float) -> None:
+        state["checks"] = state.get("checks", 0) + 1
+        if not passed and not state.get("warned", False):
+            state["warned"] = True
+            warnings.warn(
+                f"PSISGD: parameter {self._name(param)} of shape {tuple(param.shape)} is declared on "
+                f"{param.manifold!r} but its gradient has a radial cosine {max_cos:.3g} > {self.tolerance:g}: "
+                f"the loss is not invariant to its scale (is it really followed by a normalization, and read by "
+                f"no other path?). It is stepped as declared",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
+    def _name(self, param: Tensor) -> str:
+        for group in self.param_groups:
+            for index, candidate in enumerate(group["params"]):
+                if candidate is param:
+                    names = group.get("param_names")
+                    return repr(names[index]) if names else f"#{index} of its group"
+        return "?"
+
+    # ------------------------------------------------------------ reporting
+    def invariance_report(self) -> list[dict[str, Any]]:
+        """What the optimizer decided for each parameter, in param-group order.
+
+        Returns:
+            One dict per parameter: ``name`` (from ``named_parameters()``, else
+            ``"group{g}[{i}]"``), ``shape``, ``verdict`` (``"psi"``, ``"euclidean"``,
+            ``"undetermined"`` before its first nonzero gradient, or ``"declared <manifold>"``),
+            ``checks`` (passed gradient checks), ``radial_cosine`` (largest row cosine at
+            the last check), ``tensor_cosine`` (of the whole tensor: near 0 hints at a
+            LayerNorm-style whole-tensor invariance to declare) and ``reason``.
+        """
+        report = []
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, param in enumerate(group["params"]):
+                state = self.state.get(param, {})
+                declared = getattr(param, "manifold", None)
+                if declared is not None:
+                    verdict = f"declared {declared!r}"
+                else:
+                    verdict = state.get("invariance", "undetermined" if self.detect else "euclidean")
+                report.append(
+                    {
+                        "name": names[i] if names else f"group{g}[{i}]",
+                        "shape": tuple(param.shape),
+                        "verdict": verdict,
+                        "checks": state.get("checks", 0),
+                        "radial_cosine": state.get("radial_cosine"),
+                        "tensor_cosine": state.get("tensor_cosine"),
+                        "reason": state.get("reason", "declared" if declared is not None else ""),
+                    }
+                )
+        return report
+
+
+def _detectable(param: Tensor) -> bool:
+    return param.dtype in DETECTABLE_DTYPES
+
+
+def _ineligible(param: Tensor) -> str | None:
+    """Why ``param`` cannot be detected as PSI rows, or None if it is a candidate."""
+    if not _detectable(param):
+        return f"dtype {param.dtype}: gradients too coarse to detect invariance (declare PSI explicitly)"
+    if param.dim() < 2:
+        return f"{param.dim()}-dim (biases and affine parameters are never detected)"
+    if param[0].numel() < 2:
+        return f"rows of {param[0].numel()} entry (only a sign, nothing to move)"
+    return None

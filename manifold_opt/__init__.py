@@ -3,16 +3,19 @@
 import torch as _torch
 
 from .manifolds import Euclidean, Manifold, Sphere, Stiefel
-from .optim import RiemannianAdam, RiemannianSGD
+from .manifolds.psi import PSI
+from .optim import PSISGD, RiemannianAdam, RiemannianSGD, declare_psi
 from .parameter import ManifoldParameter, _rebuild_manifold_parameter
 
 __version__ = "0.1.0"
 
 # Checkpoints that pickle ManifoldParameters (e.g. state_dict(keep_vars=True) or a whole
 # module) load with torch.load(..., weights_only=True).
-_torch.serialization.add_safe_globals([ManifoldParameter, _rebuild_manifold_parameter, Euclidean, Sphere, Stiefel])
+_torch.serialization.add_safe_globals([ManifoldParameter, _rebuild_manifold_parameter, Euclidean, Sphere, Stiefel, PSI])
 
 __all__ = [
+    "PSI",
+    "PSISGD",
     "Euclidean",
     "Manifold",
     "ManifoldParameter",
@@ -21,4 +24,5 @@ __all__ = [
     "Sphere",
     "Stiefel",
     "__version__",
+    "declare_psi",
 ]

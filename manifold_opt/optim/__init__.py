@@ -2,6 +2,16 @@
 
 from .adam import RiemannianAdam
 from .base import BucketedOptimizer, manifold_of
+from .psi_detection import declare_psi, find_psi_weights
+from .psisgd import PSISGD
 from .sgd import RiemannianSGD
 
-__all__ = ["BucketedOptimizer", "RiemannianAdam", "RiemannianSGD", "manifold_of"]
+__all__ = [
+    "PSISGD",
+    "BucketedOptimizer",
+    "RiemannianAdam",
+    "RiemannianSGD",
+    "declare_psi",
+    "find_psi_weights",
+    "manifold_of",
+]

@@ -2,7 +2,7 @@
 
 import torch as _torch
 
-from .manifolds import Euclidean, Manifold, Sphere, Stiefel
+from .manifolds import ConditionedSpectrum, Euclidean, Manifold, Sphere, Stiefel
 from .manifolds.psi import PSI
 from .optim import PSISGD, RiemannianAdam, RiemannianSGD, declare_psi
 from .parameter import ManifoldParameter, _rebuild_manifold_parameter
@@ -11,11 +11,14 @@ __version__ = "0.1.0"
 
 # Checkpoints that pickle ManifoldParameters (e.g. state_dict(keep_vars=True) or a whole
 # module) load with torch.load(..., weights_only=True).
-_torch.serialization.add_safe_globals([ManifoldParameter, _rebuild_manifold_parameter, Euclidean, Sphere, Stiefel, PSI])
+_torch.serialization.add_safe_globals(
+    [ManifoldParameter, _rebuild_manifold_parameter, Euclidean, Sphere, Stiefel, PSI, ConditionedSpectrum]
+)
 
 __all__ = [
     "PSI",
     "PSISGD",
+    "ConditionedSpectrum",
     "Euclidean",
     "Manifold",
     "ManifoldParameter",

@@ -30,9 +30,10 @@ SPECTRUM_RETRACTIONS = ("svd", "newton")
 # Newton–Schulz steps of the matmul-only clipping when ``iterations`` is None; the accuracy
 # this gives is measured in docs/spectrum.md (benchmarks/spectrum_projection.py).
 DEFAULT_NEWTON_ITERATIONS = 12
-# Power-iteration steps (on the fourth power of the Gram matrix) that estimate the largest
-# singular value for the matmul-only clipping of the kappa form.
-_POWER_STEPS = 3
+# The largest singular value for the matmul-only clipping of the kappa form is estimated by
+# power iteration on the Gram matrix raised to 2**_SQUARINGS.
+_SQUARINGS = 6
+_POWER_STEPS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +185,12 @@ class ConditionedSpectrum(Manifold):
 
     def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
         y = torch.add(x, u, alpha=t)
+        if y.numel() and not bool(torch.isfinite(y).all()):
+            # matmuls would spread NaN silently (and LAPACK reports an unrelated convergence failure)
+            raise FloatingPointError(
+                f"ConditionedSpectrum.retract: x + t*u is not finite (t={t!r}); the step overflowed, "
+                "lower the learning rate"
+            )
         if self.retraction == "svd":
             return self.project(y)
         return self.project_approximate(y)
@@ -327,20 +334,25 @@ def _spectral_radius_bound(h: Tensor) -> tuple[Tensor, Tensor]:
 def largest_singular_value_estimate(x: Tensor) -> Tensor:
     r"""A lower estimate :math:`\hat\sigma \le \sigma_{\max}(x)`, by matmuls only.
 
-    Power iteration on the fourth power of the Gram matrix (so each of its steps counts four
-    times), started from its row sums, then the Rayleigh quotient of the Gram matrix.
+    The Gram matrix is raised to the power 64 by repeated squaring (renormalized at each
+    step, so nothing overflows or underflows); its row sums, a few more products with it and
+    the Rayleigh quotient of the Gram matrix give the estimate. The weight of an eigenvalue
+    :math:`\lambda_i` in the quotient shrinks like :math:`(\lambda_i/\lambda_1)^{64 k}`.
 
     Shapes: ``x (..., n, p)`` -> ``(...)``.
     """
+    tiny = torch.finfo(x.dtype).tiny
     gram = x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT
-    _, gram4 = _spectral_radius_bound(gram)
-    v = gram4.sum(-1, keepdim=True)
+    power = gram
+    for _ in range(_SQUARINGS):
+        power = power / torch.linalg.matrix_norm(power).clamp_min(tiny)[..., None, None]
+        power = power @ power
+    power = power / torch.linalg.matrix_norm(power).clamp_min(tiny)[..., None, None]
+    v = power.sum(-1, keepdim=True)
     for _ in range(_POWER_STEPS):
-        v = gram4 @ v
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    rayleigh = (v.mT @ gram @ v).squeeze(-1).squeeze(-1) / (v.mT @ v).squeeze(-1).squeeze(-1).clamp_min(
-        torch.finfo(x.dtype).tiny
-    )
+        v = power @ v
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(tiny)
+    rayleigh = (v.mT @ gram @ v)[..., 0, 0] / (v.mT @ v)[..., 0, 0].clamp_min(tiny)
     return rayleigh.clamp_min(0).sqrt()
 
 
@@ -369,10 +381,12 @@ def clip_singular_values(
     where :math:`s_c \approx \operatorname{sign}(\sigma^2 - c^2)` and
     :math:`\varphi(\sigma) \approx 1` are the Newton–Schulz approximations
     (:func:`~manifold_opt.manifolds.linalg.newton_schulz`: a sign function is the polar
-    factor of a symmetric matrix). [derived] Where an iteration has not converged the result
-    stays between :math:`\sigma` and the edge it should reach, so the error is at most half
-    the distance to the edge; values within the band keep :math:`X`'s own components and
-    need no polar factor at all, so tiny singular values are untouched by an upper clip.
+    factor of a symmetric matrix). [derived] The sign iterations converge slowly only for
+    singular values within a small relative distance of an edge; there the result lies
+    between :math:`\sigma` and that edge, at most half-way, so the error is at most half the
+    distance to the edge (inside the band the value stays inside). Values well inside the
+    band keep :math:`X`'s own components and need no polar factor, so tiny singular values
+    are untouched by an upper clip.
     Lifting a value below ``low`` needs :math:`\varphi(\sigma)`: a zero singular value has no
     direction to lift along and stays 0 (use the SVD projection for rank-deficient input).
 

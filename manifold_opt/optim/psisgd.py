@@ -17,6 +17,16 @@ from .psi_detection import gather_statistics
 from .sgd import RiemannianSGD
 
 PSI_ROWS = PSI(batch_dims=1)
+PSI_VERDICT, EUCLIDEAN_VERDICT = 1, 0
+REASONS = {
+    0: "radial cosine of every row <= tolerance",
+    1: "{ndim}-dim (biases and affine parameters are never detected)",
+    2: "rows of 1 entry (only a sign, nothing to move)",
+    3: "dtype {dtype}: gradients too coarse to detect invariance (declare PSI explicitly)",
+    4: "{zero_rows} zero row(s): not points of PSI",
+    5: "radial cosine {cos:.3g} > tolerance",
+    6: "radial cosine {cos:.3g} > tolerance after {checks} passed check(s): demoted",
+}
 DETECTABLE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -73,7 +83,7 @@ class PSISGD(RiemannianSGD):
             plays for BN networks under SGD). The equivariance holds for any λ'.
         detect: classify undeclared parameters from their gradients (default True);
             False makes them all Euclidean.
-        tolerance: largest radial cosine of an invariant row (default 1e-4).
+        tolerance: largest radial cosine of an invariant row (default 1e-3).
         verify_steps: steps with a gradient over which a detected (or declared PSI)
             parameter is checked (default 5); a declared one that fails gets a warning.
         maximize: maximize the objective instead of minimizing it.
@@ -104,7 +114,7 @@ class PSISGD(RiemannianSGD):
         *,
         invariant_weight_decay: float = 0.0,
         detect: bool = True,
-        tolerance: float = 1e-4,
+        tolerance: float = 1e-3,
         verify_steps: int = 5,
         maximize: bool = False,
         nonfinite: str = "skip",
@@ -138,7 +148,7 @@ class PSISGD(RiemannianSGD):
     def _manifold(self, param: Tensor) -> Manifold:
         if getattr(param, "manifold", None) is not None:
             return manifold_of(param)
-        return PSI_ROWS if self.state[param].get("invariance") == "psi" else EUCLIDEAN
+        return PSI_ROWS if self.state[param].get("psi_verdict") == PSI_VERDICT else EUCLIDEAN
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         self._classify(group)
@@ -161,6 +171,9 @@ class PSISGD(RiemannianSGD):
         return new_x, tangents, per_point
 
     # ------------------------------------------------------------ detection
+    # The state holds numbers only (torch's load_state_dict mangles strings): "psi_verdict"
+    # (1 PSI, 0 Euclidean, absent while undetermined), "psi_reason" (a key of REASONS),
+    # "psi_checks" (passed gradient checks), "radial_cosine", "tensor_cosine", "psi_zero_rows".
     def _classify(self, group: dict[str, Any]) -> None:
         """Check the parameters of ``group`` whose verdict is open, with one synchronization."""
         pending: list[tuple[Tensor, int]] = []
@@ -170,58 +183,58 @@ class PSISGD(RiemannianSGD):
             state = self.state[param]
             declared = getattr(param, "manifold", None)
             if declared is not None:
-                if isinstance(declared, PSI) and _detectable(param) and state.get("checks", 0) < self.verify_steps:
+                if isinstance(declared, PSI) and _detectable(param) and state.get("psi_checks", 0) < self.verify_steps:
                     pending.append((param, declared.batch_dims))
                 continue
             if not self.detect:
                 continue
-            verdict = state.get("invariance")
-            if verdict == "euclidean" or (verdict == "psi" and state["checks"] >= self.verify_steps):
+            verdict = state.get("psi_verdict")
+            if verdict == EUCLIDEAN_VERDICT or (verdict == PSI_VERDICT and state["psi_checks"] >= self.verify_steps):
                 continue
             if verdict is None:
                 reason = _ineligible(param)
                 if reason is not None:
-                    state.update(invariance="euclidean", reason=reason)
+                    state.update(psi_verdict=EUCLIDEAN_VERDICT, psi_reason=reason)
                     continue
             pending.append((param, 1))
         if not pending:
             return
         statistics = gather_statistics([(p, p.grad, batch_dims) for p, batch_dims in pending])
-        for (param, _), (max_cos, determined, zero_groups, tensor_cos) in zip(pending, statistics):
+        for (param, _), (max_cos, determined, zero_rows, tensor_cos) in zip(pending, statistics):
             if math.isnan(max_cos) or determined == 0:
                 continue  # a non-finite or zero gradient carries no evidence
             state = self.state[param]
-            state["radial_cosine"] = max_cos
-            state["tensor_cosine"] = tensor_cos
-            passed = max_cos <= self.tolerance and zero_groups == 0
+            state.update(radial_cosine=max_cos, tensor_cosine=tensor_cos, psi_zero_rows=int(zero_rows))
+            passed = max_cos <= self.tolerance and zero_rows == 0
             if getattr(param, "manifold", None) is not None:
                 self._check_declared(param, state, passed, max_cos)
             elif passed:
-                if state.get("invariance") is None:
+                if state.get("psi_verdict") is None:
                     state.pop("momentum_buffer", None)  # Euclidean steps taken while undetermined
-                    state.update(invariance="psi", checks=0, reason="radial cosine of every row <= tolerance")
-                state["checks"] += 1
+                    state.update(psi_verdict=PSI_VERDICT, psi_checks=0, psi_reason=0)
+                state["psi_checks"] += 1
             else:
-                self._reject(param, state, max_cos, zero_groups)
+                self._reject(param, state)
 
-    def _reject(self, param: Tensor, state: dict[str, Any], max_cos: float, zero_groups: float) -> None:
-        why = f"a zero row ({int(zero_groups)} of them)" if zero_groups else f"radial cosine {max_cos:.3g} > tolerance"
-        if state.get("invariance") == "psi":
+    def _reject(self, param: Tensor, state: dict[str, Any]) -> None:
+        if state.get("psi_verdict") == PSI_VERDICT:
             state.pop("momentum_buffer", None)
+            state.update(psi_verdict=EUCLIDEAN_VERDICT, psi_reason=6)
             warnings.warn(
                 f"PSISGD: parameter {self._name(param)} of shape {tuple(param.shape)} looked scale invariant for "
-                f"{state['checks']} step(s) but now has {why} ({self.tolerance:g}); it is stepped by plain SGD from "
-                f"now on (momentum restarted). Declare it Euclidean or PSI explicitly to avoid this",
+                f"{state['psi_checks']} step(s) but now has a radial cosine {state['radial_cosine']:.3g} > "
+                f"{self.tolerance:g}; it is stepped by plain SGD from now on (momentum restarted). Declare it "
+                f"Euclidean or PSI explicitly to avoid this",
                 RuntimeWarning,
                 stacklevel=5,
             )
-            why += f" at check {state['checks'] + 1} (demoted)"
-        state.update(invariance="euclidean", reason=why)
+        else:
+            state.update(psi_verdict=EUCLIDEAN_VERDICT, psi_reason=4 if state["psi_zero_rows"] else 5)
 
     def _check_declared(self, param: Tensor, state: dict[str, Any], passed: bool, max_cos: float) -> None:
-        state["checks"] = state.get("checks", 0) + 1
-        if not passed and not state.get("warned", False):
-            state["warned"] = True
+        state["psi_checks"] = state.get("psi_checks", 0) + 1
+        if not passed and not state.get("psi_warned", False):
+            state["psi_warned"] = True
             warnings.warn(
                 f"PSISGD: parameter {self._name(param)} of shape {tuple(param.shape)} is declared on "
                 f"{param.manifold!r} but its gradient has a radial cosine {max_cos:.3g} > {self.tolerance:g}: "
@@ -257,19 +270,30 @@ class PSISGD(RiemannianSGD):
             for i, param in enumerate(group["params"]):
                 state = self.state.get(param, {})
                 declared = getattr(param, "manifold", None)
+                code = state.get("psi_verdict")
                 if declared is not None:
-                    verdict = f"declared {declared!r}"
+                    verdict, reason = f"declared {declared!r}", "declared"
+                elif code is None:
+                    verdict = "undetermined" if self.detect else "euclidean"
+                    reason = "no nonzero gradient yet" if self.detect else "detect=False"
                 else:
-                    verdict = state.get("invariance", "undetermined" if self.detect else "euclidean")
+                    verdict = "psi" if code == PSI_VERDICT else "euclidean"
+                    reason = REASONS[state["psi_reason"]].format(
+                        ndim=param.dim(),
+                        dtype=param.dtype,
+                        cos=state.get("radial_cosine") or 0.0,
+                        zero_rows=state.get("psi_zero_rows", 0),
+                        checks=state.get("psi_checks", 0),
+                    )
                 report.append(
                     {
                         "name": names[i] if names else f"group{g}[{i}]",
                         "shape": tuple(param.shape),
                         "verdict": verdict,
-                        "checks": state.get("checks", 0),
+                        "checks": state.get("psi_checks", 0),
                         "radial_cosine": state.get("radial_cosine"),
                         "tensor_cosine": state.get("tensor_cosine"),
-                        "reason": state.get("reason", "declared" if declared is not None else ""),
+                        "reason": reason,
                     }
                 )
         return report
@@ -279,12 +303,12 @@ def _detectable(param: Tensor) -> bool:
     return param.dtype in DETECTABLE_DTYPES
 
 
-def _ineligible(param: Tensor) -> str | None:
-    """Why ``param`` cannot be detected as PSI rows, or None if it is a candidate."""
+def _ineligible(param: Tensor) -> int | None:
+    """Why ``param`` cannot be detected as PSI rows (a key of REASONS), or None for a candidate."""
     if not _detectable(param):
-        return f"dtype {param.dtype}: gradients too coarse to detect invariance (declare PSI explicitly)"
+        return 3
     if param.dim() < 2:
-        return f"{param.dim()}-dim (biases and affine parameters are never detected)"
+        return 1
     if param[0].numel() < 2:
-        return f"rows of {param[0].numel()} entry (only a sign, nothing to move)"
+        return 2
     return None

@@ -2,6 +2,7 @@
 
 import torch as _torch
 
+from . import nn
 from .manifolds import ConditionedSpectrum, Euclidean, Manifold, Sphere, Stiefel
 from .manifolds.psi import PSI
 from .optim import PSISGD, RiemannianAdam, RiemannianSGD, declare_psi
@@ -28,4 +29,5 @@ __all__ = [
     "Stiefel",
     "__version__",
     "declare_psi",
+    "nn",
 ]

@@ -29,7 +29,7 @@ from .linalg import identity_like, newton_schulz, qr_positive
 SPECTRUM_RETRACTIONS = ("svd", "newton")
 # Newton–Schulz steps of the matmul-only clipping when ``iterations`` is None; the accuracy
 # this gives is measured in docs/spectrum.md (benchmarks/spectrum_projection.py).
-DEFAULT_NEWTON_ITERATIONS = 12
+DEFAULT_NEWTON_ITERATIONS = 16
 # The largest singular value for the matmul-only clipping of the kappa form is estimated by
 # power iteration on the Gram matrix raised to 2**_SQUARINGS.
 _SQUARINGS = 6
@@ -71,7 +71,7 @@ class ConditionedSpectrum(Manifold):
 
     * ``"svd"``: ``project(x + t u)`` (one SVD per matrix).
     * ``"newton"``: the matmul-only clipping :func:`clip_singular_values` of ``x + t u``,
-      with ``iterations`` Newton–Schulz steps (default 12), for large matrices on
+      with ``iterations`` Newton–Schulz steps (default 16), for large matrices on
       accelerators where an SVD is slow. It is approximate: a singular value at distance
       ``d`` outside the band ends at most ``d/2`` outside it, and those far outside are
       clipped to working precision (measured accuracy in ``docs/spectrum.md``). For the
@@ -86,7 +86,7 @@ class ConditionedSpectrum(Manifold):
         sigma_min: lower edge ``a >= 0`` of the fixed band (default 0).
         sigma_max: upper edge ``b >= a``, ``b > 0`` of the fixed band (default infinity).
         retraction: ``"svd"`` (default) or ``"newton"``.
-        iterations: Newton–Schulz steps of ``"newton"`` (positive int; ``None`` for 12).
+        iterations: Newton–Schulz steps of ``"newton"`` (positive int; ``None`` for 16).
         batch_dims: leading dimensions of a parameter that index independent matrices.
 
     Shapes: points layout ``(..., n, p)``.

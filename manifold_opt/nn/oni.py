@@ -145,8 +145,8 @@ def oni(
 
     an approximately orthogonal matrix (orthonormal rows when ``out <= d``, columns
     otherwise) scaled by a per-output gain ``g``. ``iterations`` controls how orthogonal
-    it is (σ_min/σ_max of :math:`\hat W` for a Kaiming-initialized 64x576 weight: 0.52,
-    0.55, 0.72, 0.97, 1.00 at T = 0, 1, 3, 5, 7). Gradients flow through the iterations by
+    it is (σ_min/σ_max of :math:`\hat W` for a Kaiming-initialized 64x576 weight: 0.51,
+    0.54, 0.71, 0.97, 1.00 at T = 0, 1, 3, 5, 7; mean of 20 seeds). Gradients flow through the iterations by
     autograd.
 
     .. code-block:: text
@@ -159,7 +159,7 @@ def oni(
         W  = Y * g                                       per-output gain
 
     Differences from the official code, on purpose: the column mode also divides ``S`` by
-    its norm (the official one diverges: singular values near 1e83 at T = 5 on a 64x27
+    its norm (the official one diverges: σ_max = 6.8e79 at T = 5 on a Kaiming 64x27
     kernel); the iteration runs on ``Y`` (the stable Newton–Schulz form, equal in exact
     arithmetic); with ``groups > 1`` the mode is chosen per group (row when
     ``out/groups <= d``); the gain is learnable by default.

@@ -93,9 +93,9 @@ def weight_conditioning(module: nn.Module, name: str = "weight", mode: str = "ro
     with conv kernels viewed as ``(out, in*kh*kw)``. No gain and no hyperparameter (as in
     the re-implementations; the paper's body was not available to confirm it): with
     ``"row"`` every output unit has a unit-norm weight vector whatever the scale of ``W``.
-    It lowers :math:`\kappa` when rows have very different scales (measured κ 203 → 5.3 on
-    a 128x256 matrix with log-normal row scales) but not for intrinsically low-rank
-    weights.
+    It lowers :math:`\kappa` when rows have very different scales (κ 4338 → 5.6, median over
+    20 draws of a 128x256 Gaussian matrix with log-normal row scales of sd 1.5,
+    ``benchmarks/spectrum_conditioning.py``) but not for intrinsically low-rank weights.
 
     Args:
         module: a layer with a weight of at least 2 dimensions (``nn.Linear``, ``nn.Conv*d``,

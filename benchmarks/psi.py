@@ -13,10 +13,13 @@ BatchNorm (3 conv-BN-ReLU layers, global average pooling, a linear head) is trai
   separate learning rate and gradient clipping for the sphere parameters are left out);
 
 each from the original initialization and from the BN-preceded weights multiplied by 10
-(the same function). The learning rate of each method is picked from a small sweep on a
-validation split of the training set (from the original start); the methods are also
-compared at equal learning rates. A CNN without BatchNorm is the control: there is nothing
-scale invariant in it, so PSI-SGD must be plain SGD there.
+(the same function). Every run decays its learning rate to 0 by a cosine over the
+training steps (a ``LambdaLR`` scheduler, which also exercises PSI-SGD's scheduler support);
+a last section repeats SGD and PSI-SGD at constant learning rates. The learning rate of
+each method is picked from a small sweep on a validation split of the training set (from
+the original start); the methods are also compared at equal learning rates. A CNN without
+BatchNorm is the control: there is nothing scale invariant in it, so PSI-SGD must be plain
+SGD there.
 
 Also measured: per-layer row norms and angular steps (the "effective step size", the angle
 between a filter before and after a step) and the optimizer step time.
@@ -153,11 +156,16 @@ def train(
     batchnorm: bool = True,
     dtype: torch.dtype = torch.float32,
     eps: float = 1e-5,
+    cosine: bool = True,
 ) -> Run:
-    """One training run with a cosine learning-rate decay to 0 over all steps (stepped each step)."""
+    """One training run, with a cosine learning-rate decay to 0 over all steps (stepped each
+    step) or, with ``cosine=False``, a constant learning rate."""
     model, opt, invariant = build(method, STARTS[start], lr, seed, batchnorm, dtype, eps)
     steps_per_epoch = math.ceil(len(data.x_train) / BATCH)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0
+    )
     data = Data(*(t.to(dtype) if t.is_floating_point() else t for t in vars(data).values()))
     run = Run(method, start, lr, seed, norms={n: [] for n in invariant}, angles={n: [] for n in invariant})
     psi = PSI()
@@ -302,13 +310,18 @@ def step_times() -> list[dict[str, object]]:
     return rows
 
 
-def equivalence(best: dict[str, float], epochs: int, data: Data) -> list[dict[str, object]]:
-    """Test-loss gaps between the two equivalent starts, float32 (eps 1e-5) and float64 (eps 1e-12)."""
+def equivalence(best: dict[str, float], epochs: int, data: Data, runs: list[Run]) -> list[dict[str, object]]:
+    """Loss gaps between the two equivalent starts, float32 (eps 1e-5: the seed-0 runs of ``runs``)
+    and float64 (eps 1e-12: run here)."""
     rows = []
     jobs = [(dtype, eps, m) for dtype, eps in ((torch.float32, 1e-5), (torch.float64, 1e-12)) for m in METHODS]
     for dtype, eps, method in progress(jobs, "psi equivalence"):
-        a = train(method, "original", best[method], 0, data, epochs, dtype=dtype, eps=eps)
-        b = train(method, "rescaled ×10", best[method], 0, data, epochs, dtype=dtype, eps=eps)
+        if dtype == torch.float32:
+            a = select(runs, method=method, start="original", lr=best[method], seed=0)[0]
+            b = select(runs, method=method, start="rescaled ×10", lr=best[method], seed=0)[0]
+        else:
+            a = train(method, "original", best[method], 0, data, epochs, dtype=dtype, eps=eps)
+            b = train(method, "rescaled ×10", best[method], 0, data, epochs, dtype=dtype, eps=eps)
         train_gaps = [abs(x - y) for x, y in zip(a.train_loss, b.train_loss)]
         test_gaps = [abs(x - y) for x, y in zip(a.test_loss, b.test_loss)]
         above = [epoch + 1 for epoch, gap in enumerate(train_gaps) if gap > 1e-3]
@@ -335,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
-        seeds, epochs, lrs, equal_lrs = [0], 8, [0.01, 0.03, 0.1], [0.1]
+        seeds, epochs, lrs, equal_lrs = [0], 8, [0.01, 0.03, 0.1], [0.03, 0.1]
     else:
         seeds, epochs, lrs, equal_lrs = [0, 1, 2, 3, 4], 15, [0.003, 0.01, 0.03, 0.1, 0.3], [0.03, 0.1]
     suffix = "_quick" if args.quick else ""
@@ -351,11 +364,11 @@ def main(argv: list[str] | None = None) -> None:
         for m, seed in progress([(m, s) for m in ("SGD", "PSI-SGD") for s in seeds], "psi control")
     ]
 
-    def table(lr_of: Callable[[str], float]) -> str:
+    def table(lr_of: Callable[[str], float], pool: list[Run] = runs, methods: tuple[str, ...] = METHODS) -> str:
         rows = []
-        for method in METHODS:
+        for method in methods:
             for start in STARTS:
-                chosen = select(runs, method=method, start=start, lr=lr_of(method))
+                chosen = select(pool, method=method, start=start, lr=lr_of(method))
                 rows.append(
                     {
                         "method": method,
@@ -381,7 +394,13 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
         return markdown_table(rows)
 
-    equivalence_rows = equivalence(best, epochs, data)
+    equivalence_rows = equivalence(best, epochs, data, runs)
+    constant_jobs = [
+        (m, s, lr, seed) for m in ("SGD", "PSI-SGD") for lr in equal_lrs for s in STARTS for seed in seeds[:3]
+    ]
+    constant = [
+        train(m, s, lr, seed, data, epochs, cosine=False) for m, s, lr, seed in progress(constant_jobs, "psi constant")
+    ]
     control_rows = []
     for method in ("SGD", "PSI-SGD"):
         chosen = [r for r in control if r.method == method]
@@ -417,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = (
         f"Digits 8×8 (1347 train / 450 test), CNN 1→16→32→64 channels with BatchNorm, batch {BATCH}, "
         f"{epochs} epochs ({epochs * math.ceil(1347 / BATCH)} steps), momentum {MOMENTUM} for every method, "
+        "learning rate decayed to 0 by a cosine over the steps (except in the constant-lr section), "
         f"seeds {seeds}. 'rescaled ×10': the three BN-preceded conv weights multiplied by 10 (the same "
         f"function). Learning rates swept: {lrs}; best by validation accuracy (20% of the training set, seed 0, "
         f"original start): " + ", ".join(f"{m} {best[m]:g}" for m in METHODS) + "."
@@ -431,6 +451,10 @@ def main(argv: list[str] | None = None) -> None:
             if len(equal_lrs) > 1
             else []
         ),
+        "## Constant learning rate (no schedule)\n\nThe same runs without the cosine decay (seeds "
+        f"{seeds[:3]}): PSI-SGD's angular step stays at about η‖∇L(θ̂)‖/(1 − μ), while SGD's shrinks as the "
+        "filter norms grow.\n\n"
+        + "\n\n".join(table(lambda m, lr=lr: lr, constant, ("SGD", "PSI-SGD")) for lr in equal_lrs),
         "## Equivalent starts\n\nThe original and the rescaled start compute the same function. Train-loss gap "
         "= |mean training loss over an epoch, original − rescaled ×10| (training mode: BN uses batch statistics); "
         "test-loss gap = the same for the test loss after an epoch (evaluation mode: BN uses its running "

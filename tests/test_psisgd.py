@@ -89,7 +89,7 @@ def test_rescaled_groups_train_along_the_same_trajectory(seed: int, options: dic
     """θ'₀ = cθ₀ per invariant row ⇒ identical losses, θ'_t = cθ_t, and identical other parameters."""
     model, rescaled = cnn(), cnn()
     factors = rescale_groups(rescaled, seed)
-    data = batches(15, seed)
+    data = batches(10, seed)
     losses = train(model, PSISGD(model.parameters(), lr=0.1, **options), data)
     losses_rescaled = train(rescaled, PSISGD(rescaled.parameters(), lr=0.1, **options), data)
     torch.testing.assert_close(losses_rescaled, losses, rtol=1e-8, atol=0)
@@ -282,7 +282,8 @@ def test_detection_verdicts_on_every_named_case(seed: int) -> None:
             assert row["checks"] == 5 and row["radial_cosine"] < 1e-3
     assert "dim" in report["bn.weight"]["reason"] and "dim" in report["conv.bias"]["reason"]
     assert report["shared.weight"]["radial_cosine"] > 1e-2
-    assert report["pre_ln.weight"]["tensor_cosine"] < 1e-3  # the hint to declare PSI(batch_dims=0)
+    pre_ln = report["pre_ln.weight"]  # whole-tensor invariant: the hint to declare PSI(batch_dims=0)
+    assert pre_ln["tensor_cosine"] < 0.1 * pre_ln["radial_cosine"]
     assert manifold_of(model.conv.weight) == manifold_of(model.head.weight)  # detection never touches the params
 
 

@@ -72,7 +72,7 @@ class PSISGD(RiemannianSGD):
     Args:
         params: iterable of tensors, of ``(name, tensor)`` pairs (names appear in the
             report) or of param-group dicts.
-        lr: learning rate η (default 0.05).
+        lr: learning rate η (default 0.03).
         momentum: momentum factor μ (default 0.9).
         dampening: dampening δ of the momentum (default 0).
         weight_decay: L2 penalty λ of the parameters that are not PSI groups (default 0).
@@ -106,7 +106,7 @@ class PSISGD(RiemannianSGD):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 0.05,
+        lr: float = 0.03,
         momentum: float = 0.9,
         dampening: float = 0.0,
         weight_decay: float = 0.0,

@@ -35,8 +35,9 @@ def radial_statistics(weight: Tensor, grad: Tensor, batch_dims: int = 1) -> Tens
     r"""Radial cosines of the groups of one parameter, reduced to four numbers.
 
     For each group (output row when ``batch_dims=1``, the whole tensor when ``0``),
-    :math:`\cos_i = |\langle \hat g_i, \hat\theta_i\rangle|`, computed in float64 with
-    scale-safe norms. Rows whose gradient is zero carry no evidence and are left out.
+    :math:`\cos_i = |\langle \hat g_i, \hat\theta_i\rangle|`, computed in at least float32
+    (float64 parameters stay float64; no float64 is needed, so it runs on devices without it)
+    with scale-safe norms. Rows whose gradient is zero carry no evidence and are left out.
 
     Args:
         weight: the parameter, parameter layout ``(out, *rest)``.
@@ -44,7 +45,7 @@ def radial_statistics(weight: Tensor, grad: Tensor, batch_dims: int = 1) -> Tens
         batch_dims: 1 (rows) or 0 (whole tensor).
 
     Returns:
-        A float64 tensor ``[max_cos, determined, zero_groups, tensor_cos]``: the largest
+        A tensor ``[max_cos, determined, zero_groups, tensor_cos]``: the largest
         cosine over the groups with a nonzero gradient, how many such groups there are,
         how many groups are zero (no PSI point), and the cosine of the whole tensor. NaN
         entries mean a non-finite gradient (no evidence).
@@ -52,8 +53,9 @@ def radial_statistics(weight: Tensor, grad: Tensor, batch_dims: int = 1) -> Tens
     Shapes: ``weight, grad (out, *rest)`` -> ``(4,)``.
     """
     groups = weight.shape[0] if batch_dims == 1 else 1
-    w = weight.detach().reshape(groups, -1).to(torch.float64)
-    g = grad.detach().reshape(groups, -1).to(torch.float64)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().reshape(groups, -1).to(dtype)
+    g = grad.detach().reshape(groups, -1).to(dtype)
     w_unit, w_norm = unit_and_norm(w)
     g_unit, g_norm = unit_and_norm(g)
     cosines = (w_unit * g_unit).sum(-1).abs()
@@ -63,9 +65,7 @@ def radial_statistics(weight: Tensor, grad: Tensor, batch_dims: int = 1) -> Tens
     tg, _ = unit_and_norm(g.reshape(-1))
     tensor_cos = (tw * tg).sum().abs()
     finite = torch.isfinite(g_norm).all()
-    stats = torch.stack(
-        [max_cos, determined.sum().to(torch.float64), (w_norm == 0).sum().to(torch.float64), tensor_cos]
-    )
+    stats = torch.stack([max_cos, determined.sum().to(dtype), (w_norm == 0).sum().to(dtype), tensor_cos])
     return torch.where(finite, stats, torch.full_like(stats, float("nan")))
 
 
@@ -285,8 +285,7 @@ def _numerically_invariant(
 
     def outputs() -> list[Tensor]:
         result = model(*example_inputs)
-        leaves = torch.utils._pytree.tree_leaves(result)
-        return [leaf.detach().clone() for leaf in leaves if isinstance(leaf, Tensor)]
+        return [leaf.detach().clone() for leaf in _tensors(result)]
 
     def differs(names: list[str]) -> bool:
         saved = {name: params[name].detach().clone() for name in names}
@@ -323,6 +322,17 @@ def _numerically_invariant(
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
     return found
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors inside a (nested) output: a tensor, or lists, tuples and dicts of them."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
 
 
 def declare_psi(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> dict[str, PSI]:

@@ -197,6 +197,9 @@ def find_psi_weights(model: nn.Module, example_inputs: tuple[Any, ...] | None = 
     Returns:
         ``{parameter name: PSI manifold}`` (names as in ``model.named_parameters()``).
 
+    Shapes: weights ``(out, *rest)``; ``PSI(batch_dims=1)`` means ``out`` groups of
+    ``prod(rest)`` entries, ``PSI(batch_dims=0)`` one group of ``out * prod(rest)``.
+
     Raises:
         TypeError: if ``torch.fx`` cannot trace the model (data-dependent control flow):
             declare weights by hand with ``ManifoldParameter(w, PSI())`` or let
@@ -345,6 +348,8 @@ def declare_psi(model: nn.Module, example_inputs: tuple[Any, ...] | None = None)
 
     Returns:
         ``{name: PSI manifold}`` of the parameters it declared.
+
+    Shapes: as for :func:`find_psi_weights`; the parameters keep their shapes and values.
 
     Example:
         >>> import torch

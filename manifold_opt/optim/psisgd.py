@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..manifolds import Manifold
 from ..manifolds.psi import PSI
-from .base import EUCLIDEAN, Bucket, manifold_of
+from .base import EUCLIDEAN, Bucket, check_nonnegative, manifold_of
 from .psi_detection import gather_statistics
 from .sgd import RiemannianSGD
 
@@ -48,8 +48,8 @@ class PSISGD(RiemannianSGD):
     is equivariant, ``θ'₀ = cθ₀ ⇒ θ'_t = cθ_t`` (and ``m'_t = c m_t``): starting points
     that compute the same function train along the same trajectory of functions,
     whatever the scale of each group. The angular step of a group is
-    ``η‖∇L(θ̂)‖`` (``/(1 − μ)`` in steady state with momentum), independent of ``‖θ‖``;
-    plain SGD's is ``η‖∇L(θ̂)‖/‖θ‖²``.
+    ``atan(η‖∇L(θ̂)‖)`` without momentum (about ``η‖∇L(θ̂)‖/(1 − μ)`` in steady state with
+    momentum), independent of ``‖θ‖``; plain SGD's is about ``η‖∇L(θ̂)‖/‖θ‖²``.
 
     **Which parameters are PSI groups.** A parameter declared ``ManifoldParameter(w,
     PSI())`` (or by :func:`~manifold_opt.declare_psi`) is one; a parameter declared on
@@ -89,6 +89,9 @@ class PSISGD(RiemannianSGD):
         maximize: maximize the objective instead of minimizing it.
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient.
 
+    Shapes: any parameter shape; the PSI groups of a weight ``(out, *rest)`` are the rows of
+    its ``(out, prod(rest))`` view (the whole tensor for ``PSI(batch_dims=0)``).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -123,10 +126,7 @@ class PSISGD(RiemannianSGD):
             raise ValueError(f"tolerance must be a radial cosine in (0, 1), got {tolerance!r}")
         if not isinstance(verify_steps, int) or isinstance(verify_steps, bool) or verify_steps < 1:
             raise ValueError(f"verify_steps must be an int >= 1, got {verify_steps!r}")
-        if not isinstance(invariant_weight_decay, (int, float)) or not math.isfinite(invariant_weight_decay):
-            raise ValueError(f"invariant_weight_decay must be a finite number >= 0, got {invariant_weight_decay!r}")
-        if invariant_weight_decay < 0:
-            raise ValueError(f"invariant_weight_decay must be a finite number >= 0, got {invariant_weight_decay!r}")
+        check_nonnegative("invariant_weight_decay", invariant_weight_decay)
         self.detect = bool(detect)
         self.tolerance = float(tolerance)
         self.verify_steps = verify_steps

@@ -310,6 +310,106 @@ def step_times() -> list[dict[str, object]]:
     return rows
 
 
+class Block(nn.Module):
+    """A residual block: x + BN(conv(ReLU(BN(conv(x)))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def zoo(seed: int) -> nn.Sequential:
+    """Every kind of weight: BN-preceded convs (plain and in residual blocks), a conv with no
+    normalization, a conv before a LayerNorm (whose own affine weight is 3-dim), a bias-free
+    linear before a LayerNorm, a plain linear and the head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        Block(16),
+        Block(16),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, bias=False),
+        nn.LayerNorm([32, 2, 2]),
+        nn.Flatten(),
+        nn.Linear(128, 64, bias=False),
+        nn.LayerNorm(64, bias=False),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def detection(seeds: list[int]) -> list[dict[str, object]]:
+    """Radial cosines at initialization and PSISGD's verdicts after 6 steps, per weight of :func:`zoo`."""
+    import warnings
+
+    from manifold_opt.optim.psi_detection import radial_statistics
+
+    data = load(0, validation=False)
+    records: dict[str, dict[str, object]] = {}
+    for seed in progress(seeds, "psi detection"):
+        model = zoo(seed)
+        graph = find_psi_weights(model)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(data.x_train), generator=generator)
+        x, y = data.x_train[order[:BATCH]], data.y_train[order[:BATCH]]
+        functional.cross_entropy(model(x), y).backward()
+        opt = PSISGD(model.named_parameters())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            initial = {n: radial_statistics(p, p.grad).tolist() for n, p in model.named_parameters() if p.dim() >= 2}
+            opt.step()
+            for step in range(1, 6):
+                batch = order[step * BATCH : (step + 1) * BATCH]
+                opt.zero_grad()
+                functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+                opt.step()
+        verdicts = {row["name"]: row["verdict"] for row in opt.invariance_report()}
+        demoted = {str(w.message).split("'")[1] for w in caught if "looked scale invariant" in str(w.message)}
+        for name, (max_cos, _, _, tensor_cos) in initial.items():
+            record = records.setdefault(
+                name,
+                {
+                    "weight": name,
+                    "shape": "×".join(map(str, model.get_parameter(name).shape)),
+                    "graph": {1: "rows", 0: "whole tensor"}.get(graph[name].batch_dims, "") if name in graph else "—",
+                    "row cos": [],
+                    "tensor cos": [],
+                    "psi": 0,
+                    "demoted": 0,
+                },
+            )
+            record["row cos"].append(max_cos)
+            record["tensor cos"].append(tensor_cos)
+            record["psi"] += verdicts[name] == "psi"
+            record["demoted"] += name in demoted
+    rows = []
+    for record in records.values():
+        rows.append(
+            {
+                "weight": record["weight"],
+                "shape": record["shape"],
+                "graph walk": record["graph"],
+                "largest row cosine at init (min–max over seeds)": f"{min(record['row cos']):.2g} – "
+                f"{max(record['row cos']):.2g}",
+                "whole-tensor cosine (min–max)": f"{min(record['tensor cos']):.2g} – {max(record['tensor cos']):.2g}",
+                "PSISGD verdict psi": f"{record['psi']}/{len(seeds)}",
+                "demoted": f"{record['demoted']}/{len(seeds)}",
+            }
+        )
+    return rows
+
+
 def equivalence(best: dict[str, float], epochs: int, data: Data, runs: list[Run]) -> list[dict[str, object]]:
     """Loss gaps between the two equivalent starts, float32 (eps 1e-5: the seed-0 runs of ``runs``)
     and float64 (eps 1e-12: run here)."""
@@ -395,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         return markdown_table(rows)
 
     equivalence_rows = equivalence(best, epochs, data, runs)
+    detection_rows = detection(seeds)
     constant_jobs = [
         (m, s, lr, seed) for m in ("SGD", "PSI-SGD") for lr in equal_lrs for s in STARTS for seed in seeds[:3]
     ]
@@ -475,6 +576,12 @@ def main(argv: list[str] | None = None) -> None:
         + ("bit-identical" if control_identical else "NOT identical")
         + ".\n\n"
         + markdown_table(control_rows),
+        "## Detection\n\nA network with every kind of weight (`zoo()`: BN-preceded convs, residual blocks, "
+        "a conv with no normalization, a bias-free conv and linear before LayerNorms, the LayerNorm's 3-dim "
+        "affine weight, plain linears, the head), float32, BN/LN eps 1e-5, digits batches of 64. Per weight: "
+        "what the graph walk (`find_psi_weights`) says, the largest row radial cosine and the whole-tensor "
+        "cosine of the first gradient (min – max over the seeds), and in how many seeds `PSISGD` (tolerance "
+        "1e-3) held the weight as PSI after 6 steps, and demoted it on the way.\n\n" + markdown_table(detection_rows),
         "## Learning-rate sweep (validation accuracy, seed 0)\n\n" + markdown_table(sweep_rows),
         "## Optimizer step time (BN CNN, 1 thread)\n\n" + markdown_table(step_times()),
         "Plots: " + ", ".join(f"`{f}`" for f in figures) + ".",

@@ -118,14 +118,3 @@ def newton_iterations_needed(lambda_low: float, lambda_high: float, tolerance: f
             return count
         values = [1.5 * b - 0.5 * b**3 * lam for lam, b in zip(ends, values)]
     return limit
-
-
-def spectral_norm_bound(a: Tensor) -> Tensor:
-    r"""An upper bound of :math:`\|A\|_2` for a batch of square matrices, without an SVD.
-
-    Uses :math:`\|A\|_2 \le \sqrt{\|A\|_1 \|A\|_\infty}` (maximal column and row sums).
-
-    Shapes: ``a (..., p, p)`` -> ``(...)``.
-    """
-    abs_a = a.abs()
-    return torch.sqrt(abs_a.sum(-2).amax(-1) * abs_a.sum(-1).amax(-1))

@@ -20,14 +20,6 @@ from .cases import seeds
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kaiming_conv(out: int, inp: int, k: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Conv2d:
     torch.manual_seed(seed)
     conv = nn.Conv2d(inp, out, k, bias=False).to(dtype)

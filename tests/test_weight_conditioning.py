@@ -18,14 +18,6 @@ from .cases import generator, seeds
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kappa(matrix: torch.Tensor) -> float:
     s = torch.linalg.svdvals(matrix.detach().double())
     return float(s[0] / s[-1])

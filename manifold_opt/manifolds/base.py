@@ -74,6 +74,15 @@ class Manifold(ABC):
         """The shape of the batch of points of a parameter of shape ``shape``."""
         return tuple(shape)[: self.batch_dims]
 
+    def _matrix_point_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(n, p)`` for manifolds of matrices: the first dimension after the batch ones
+        against all the others (a conv kernel ``(out, in, kh, kw)`` is ``(out, in*kh*kw)``)."""
+        rest = self._point_dims(shape, 2)
+        n, p = rest[0], numel(rest[1:])
+        if n < 1 or p < 1:
+            raise ValueError(f"{self!r} cannot hold an empty matrix (shape {tuple(shape)})")
+        return (n, p)
+
     def to_points(self, tensor: Tensor) -> Tensor:
         """View a parameter-layout tensor as ``(num_points, *point_shape)`` (copies if it must)."""
         return tensor.reshape(-1, *self.point_shape(tensor.shape))
@@ -188,3 +197,16 @@ class EmbeddedManifold(Manifold):
 def numel(shape: Sequence[int]) -> int:
     """Product of a shape's sizes (1 for an empty shape)."""
     return math.prod(shape)
+
+
+def check_iterations(manifold: Manifold, retraction: str, iterations: int | None, iterative: tuple[str, ...]) -> None:
+    """Validate an ``iterations`` option that only the ``iterative`` retractions take."""
+    if iterations is None:
+        return
+    if retraction not in iterative:
+        raise ValueError(
+            f"iterations={iterations!r} applies only to the {' and '.join(map(repr, iterative))} retraction(s) of "
+            f"{type(manifold).__name__}, not {retraction!r}; leave it as None"
+        )
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int or None, got {iterations!r}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Manifold, numel
+from .base import Manifold, check_iterations
 from .linalg import identity_like, newton_schulz, qr_positive
 
 SPECTRUM_RETRACTIONS = ("svd", "newton")
@@ -140,14 +140,7 @@ class ConditionedSpectrum(Manifold):
             raise ValueError(
                 f"unknown ConditionedSpectrum retraction {self.retraction!r}; choose one of {SPECTRUM_RETRACTIONS}"
             )
-        if self.iterations is not None:
-            if self.retraction != "newton":
-                raise ValueError(
-                    f"iterations={self.iterations!r} applies only to retraction='newton', not {self.retraction!r}; "
-                    "leave it as None"
-                )
-            if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
-                raise ValueError(f"iterations must be a positive int or None, got {self.iterations!r}")
+        check_iterations(self, self.retraction, self.iterations, ("newton",))
 
     # ----------------------------------------------------------------- layout
     @property
@@ -155,11 +148,7 @@ class ConditionedSpectrum(Manifold):
         return 2
 
     def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        rest = self._point_dims(shape, 2)
-        n, p = rest[0], numel(rest[1:])
-        if n < 1 or p < 1:
-            raise ValueError(f"{self!r} cannot hold an empty matrix (shape {tuple(shape)})")
-        return (n, p)
+        return self._matrix_point_shape(shape)
 
     @property
     def band_edges(self) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import EmbeddedManifold, numel
+from .base import EmbeddedManifold, check_iterations
 from .linalg import (
     identity_like,
     newton_iterations_needed,
@@ -93,14 +93,7 @@ class Stiefel(EmbeddedManifold):
         super().__post_init__()
         if self.retraction not in STIEFEL_RETRACTIONS:
             raise ValueError(f"unknown Stiefel retraction {self.retraction!r}; choose one of {STIEFEL_RETRACTIONS}")
-        if self.iterations is not None:
-            if self.retraction not in ("cayley", "newton"):
-                raise ValueError(
-                    f"iterations={self.iterations!r} applies only to the 'cayley' and 'newton' retractions, "
-                    f"not {self.retraction!r}; leave it as None"
-                )
-            if not isinstance(self.iterations, int) or self.iterations < 1:
-                raise ValueError(f"iterations must be a positive int or None, got {self.iterations!r}")
+        check_iterations(self, self.retraction, self.iterations, ("cayley", "newton"))
 
     # ----------------------------------------------------------------- layout
     @property
@@ -108,11 +101,7 @@ class Stiefel(EmbeddedManifold):
         return 2
 
     def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        rest = self._point_dims(shape, 2)
-        n, p = rest[0], numel(rest[1:])
-        if n < 1 or p < 1:
-            raise ValueError(f"{self!r} cannot hold an empty matrix (shape {tuple(shape)})")
-        return (n, p)
+        return self._matrix_point_shape(shape)
 
     # --------------------------------------------------------------- geometry
     def project(self, x: Tensor) -> Tensor:
@@ -198,6 +187,8 @@ def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
 
     q = torch.linalg.matrix_norm(u_bar)
     exact = ~(q < (1.0 if iterations is not None else _CAYLEY_EXACT_ABOVE))  # also catches NaN
+    if bool(exact.all()):
+        return _cayley_exact(x, u_bar)
     if iterations is None:
         q_max = float(torch.where(exact, 0.0, q).max()) if q.numel() else 0.0
         tolerance = torch.finfo(x.dtype).eps
@@ -212,9 +203,17 @@ def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
 
 
 def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
-    r"""Exact Cayley transform by the Woodbury identity: with :math:`A = UV^\top`,
-    :math:`U = [\bar u, X]`, :math:`V = [X, -\bar u]`,
-    :math:`(I - \tfrac12 UV^\top)^{-1} = I + \tfrac12 U (I - \tfrac12 V^\top U)^{-1} V^\top`."""
+    r"""Exact Cayley transform :math:`(I - \tfrac12 A)^{-1}(I + \tfrac12 A)X`.
+
+    For ``2p < n`` by the Woodbury identity (a ``2p x 2p`` system): with
+    :math:`A = UV^\top`, :math:`U = [\bar u, X]`, :math:`V = [X, -\bar u]`,
+    :math:`(I - \tfrac12 UV^\top)^{-1} = I + \tfrac12 U (I - \tfrac12 V^\top U)^{-1} V^\top`;
+    otherwise by the ``n x n`` system itself, which is then the smaller one."""
+    n, p = x.shape[-2:]
+    if 2 * p >= n:
+        a = u_bar @ x.mT - x @ u_bar.mT
+        eye = identity_like(a)
+        return torch.linalg.solve(eye - 0.5 * a, x + 0.5 * a @ x)
     left = torch.cat([u_bar, x], dim=-1)
     right = torch.cat([x, -u_bar], dim=-1)
     z = x + 0.5 * left @ (right.mT @ x)

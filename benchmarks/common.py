@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,29 @@ def time_call(function: Callable[[], Any], *, repeats: int = 7, min_seconds: flo
                 break
         samples.append(elapsed / count)
     return statistics.median(samples)
+
+
+def time_interleaved(
+    functions: dict[Hashable, Callable[[], Any]], *, repeats: int = 7, min_seconds: float = 0.05, warmup: int = 2
+) -> dict[Hashable, float]:
+    """Median seconds per call of each function, timed round-robin (one repeat of every
+    function, then the next repeat), so that a change of machine speed during the run
+    affects all of them alike and their ratios stay meaningful."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    samples: dict[Hashable, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            count, start = 0, time.perf_counter()
+            while True:
+                function()
+                count += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+            samples[name].append(elapsed / count)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 
 from manifold_opt import ManifoldParameter, RiemannianAdam, RiemannianSGD, Stiefel
 
-from .common import markdown_table, progress, time_call, write_results
+from .common import markdown_table, progress, time_interleaved, write_results
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -78,10 +78,11 @@ def optimizer_step_table(shapes: list[tuple[int, int]], min_seconds: float) -> l
         cases.append((name, "geoopt Stiefel (canonical, Cayley)", geoopt_params(geoopt.Stiefel()), GEOOPT[name]))
         for r in RETRACTIONS:
             cases.append((name, f"manifold_opt Stiefel({r})", stiefel_ours[r], OURS[name]))
-    timings = {}
-    for optimizer, method, make_params, make_opt in progress(cases, "optimizer steps"):
-        params = make_params(weight_stack(shapes))
-        timings[(optimizer, method)] = time_call(step_timer(make_opt, params), min_seconds=min_seconds)
+    steps = {
+        (optimizer, method): step_timer(make_opt, make_params(weight_stack(shapes)))
+        for optimizer, method, make_params, make_opt in progress(cases, "optimizer steps")
+    }
+    timings = time_interleaved(steps, min_seconds=min_seconds)
     rows = []
     for optimizer, method, _, _ in cases:
         reference = timings[(optimizer, "geoopt EuclideanStiefel (QR)")]
@@ -113,10 +114,11 @@ def euclidean_step_table(count: int, size: int, min_seconds: float) -> list[dict
         ("Adam", "geoopt RiemannianAdam", GEOOPT["Adam"]),
         ("Adam", "manifold_opt RiemannianAdam", OURS["Adam"]),
     ]
-    timings = {}
-    for _, method, make in progress(cases, "euclidean steps"):
-        params = [w.requires_grad_() for w in weight_stack([(size,)] * count)]
-        timings[method] = time_call(step_timer(make, params), min_seconds=min_seconds)
+    steps = {
+        method: step_timer(make, [w.requires_grad_() for w in weight_stack([(size,)] * count)])
+        for _, method, make in cases
+    }
+    timings = time_interleaved(steps, min_seconds=min_seconds)
     rows = []
     for optimizer, method, _ in cases:
         reference = timings["torch.optim.SGD" if optimizer.startswith("SGD") else "torch.optim.Adam"]
@@ -191,8 +193,8 @@ def training_step_table(width: int, depth: int, min_seconds: float) -> list[dict
     ]
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-    timings = {}
-    for name, build in progress(cases, "training steps"):
+    steps = {}
+    for name, build in cases:
         model, optimizer = build()
 
         def train_step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
@@ -200,7 +202,8 @@ def training_step_table(width: int, depth: int, min_seconds: float) -> list[dict
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
 
-        timings[name] = time_call(train_step, min_seconds=min_seconds)
+        steps[name] = train_step
+    timings = time_interleaved(steps, min_seconds=min_seconds)
     reference = timings["geoopt EuclideanStiefel + RiemannianAdam"]
     return [
         {
@@ -223,9 +226,9 @@ def retraction_table(shapes: list[tuple[int, ...]], min_seconds: float) -> list[
         u = 0.05 * u * (x.norm(dim=(-2, -1), keepdim=True) / u.norm(dim=(-2, -1), keepdim=True))  # a 5% step
         retractions = {"geoopt QR": geoopt.EuclideanStiefel().retr, "geoopt canonical": geoopt.Stiefel().retr}
         retractions.update({r: Stiefel(retraction=r).retract for r in RETRACTIONS})
-        timings = {
-            name: time_call(lambda f=f, x=x, u=u: f(x, u), min_seconds=min_seconds) for name, f in retractions.items()
-        }
+        timings = time_interleaved(
+            {name: (lambda f=f, x=x, u=u: f(x, u)) for name, f in retractions.items()}, min_seconds=min_seconds
+        )
         row = {"shape (batch, n, p)": str(tuple(shape))}
         row.update({f"{name} ms": f"{1e3 * t:.3f}" for name, t in timings.items()})
         best = min(RETRACTIONS, key=lambda r: timings[r])
@@ -246,7 +249,9 @@ def main() -> None:
     width, depth = (128, 2) if args.quick else (256, 4)
     retraction_shapes = [(64, 16), (256, 64), (512, 512), (32, 64, 16)] if not args.quick else [(64, 16), (8, 64, 16)]
     sections = [
-        "All timings: median of 7 repeats, one thread. Ratios > 1× mean manifold_opt is faster.",
+        "All timings: median of 7 repeats, one thread; the methods of a table are timed round-robin "
+        "(one repeat of each in turn), so that load changes during the run hit them alike. "
+        "Ratios > 1× mean manifold_opt is faster.",
         f"## Optimizer step on {len(layer_shapes)} Stiefel weights ({blocks} blocks of 4 × {d}×{d} and "
         f"2 × {4 * d}×{d})\n\n"
         "`opt.step()` with fixed gradients. manifold_opt stacks equal shapes into one batched "

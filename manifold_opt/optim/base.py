@@ -194,6 +194,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if param.is_complex():
+                raise TypeError(
+                    f"{type(self).__name__} does not support complex parameters (got one of shape "
+                    f"{tuple(param.shape)}, {param.dtype}); optimize torch.view_as_real(...) of it instead"
+                )
             manifold = self._manifold(param)
             dtype = geometry_dtype(manifold, param.dtype)
             state = self.state[param]

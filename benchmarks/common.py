@@ -32,19 +32,7 @@ def digits(seed: int = 0, test_size: float = 0.25) -> tuple[torch.Tensor, torch.
 
 def time_call(function: Callable[[], Any], *, repeats: int = 7, min_seconds: float = 0.05, warmup: int = 2) -> float:
     """Median seconds per call of ``function`` (each repeat loops until ``min_seconds``)."""
-    for _ in range(warmup):
-        function()
-    samples = []
-    for _ in range(repeats):
-        count, start = 0, time.perf_counter()
-        while True:
-            function()
-            count += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        samples.append(elapsed / count)
-    return statistics.median(samples)
+    return time_interleaved({"only": function}, repeats=repeats, min_seconds=min_seconds, warmup=warmup)["only"]
 
 
 def time_interleaved(
@@ -100,6 +88,12 @@ def write_results(name: str, title: str, sections: Sequence[str], command: str) 
     header = f"# {title}\n\nMade by `{command}` on {time.strftime('%Y-%m-%d')} ({machine_note()}).\n"
     path.write_text(header + "\n" + "\n\n".join(sections) + "\n")
     return path
+
+
+def plot_mean_band(axis: Any, x: Sequence[float], values: torch.Tensor, label: str, **style: Any) -> None:
+    """Plot the mean over seeds (rows of ``values``) and shade the min–max band."""
+    axis.plot(list(x), values.mean(0), label=label, **style)
+    axis.fill_between(list(x), values.min(0).values, values.max(0).values, alpha=0.15)
 
 
 def save_figure(figure: Any, name: str) -> Path:

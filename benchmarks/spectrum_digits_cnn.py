@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from manifold_opt.nn import layer_spectra, oni, weight_conditioning
 
-from .common import digits, markdown_table, progress, save_figure, write_results
+from .common import digits, markdown_table, plot_mean_band, progress, save_figure, write_results
 
 
 class Scale(nn.Module):
@@ -125,8 +125,7 @@ def plot(results: dict[str, list[dict]]) -> None:
     for variant, runs in results.items():
         values = 100 * torch.tensor([run["accuracy"] for run in runs])
         epochs = range(1, values.shape[1] + 1)
-        axis.plot(epochs, values.mean(0), marker="o", markersize=3, label=variant)
-        axis.fill_between(epochs, values.min(0).values, values.max(0).values, alpha=0.15)
+        plot_mean_band(axis, epochs, values, variant, marker="o", markersize=3)
     axis.set_xlabel("epoch")
     axis.set_ylabel("test accuracy [%]")
     axis.set_title("Digits, plain CNN without BatchNorm (mean, min-max over seeds)")

@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from manifold_opt.nn import layer_spectra, oni, weight_conditioning
 
-from .common import markdown_table, progress, save_figure, write_results
+from .common import markdown_table, plot_mean_band, progress, save_figure, write_results
 
 
 class ScaledWeightStandardization(nn.Module):
@@ -140,8 +140,7 @@ def plot(results: dict[str, list[dict]]) -> None:
     for variant, runs in results.items():
         steps = [s for s, _ in runs[0]["curve"]]
         values = torch.tensor([[v for _, v in run["curve"]] for run in runs])
-        axis.plot(steps, values.mean(0), label=variant)
-        axis.fill_between(steps, values.min(0).values, values.max(0).values, alpha=0.2)
+        plot_mean_band(axis, steps, values, variant)
     axis.set_xlabel("Adam step (full batch)")
     axis.set_ylabel("PSNR [dB]")
     axis.set_title("64x64 image fit, ReLU MLP with positional encoding (mean, min-max over seeds)")

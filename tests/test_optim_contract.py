@@ -302,6 +302,24 @@ def test_nonfinite_gradient_never_reaches_parameters_or_state(policy: str) -> No
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_nonfinite_update_from_finite_gradients_is_not_written() -> None:
+    """Adam with eps=0 and a zero gradient computes 0/0: torch.optim.Adam writes NaN into the
+    parameter; we skip the bucket and leave parameters, state and step count as they were."""
+    w = torch.randn(4, requires_grad=True)
+    before = w.detach().clone()
+    opt = RiemannianAdam([w], lr=0.1, eps=0.0)
+    w.grad = torch.zeros(4)
+    with pytest.warns(RuntimeWarning, match="non-finite update"):
+        opt.step()
+    torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)
+    assert float(opt.state[w]["step"]) == 0 and opt.skipped_steps == 1
+    reference = before.clone().requires_grad_()
+    torch_opt = torch.optim.Adam([reference], lr=0.1, eps=0.0)
+    reference.grad = torch.zeros(4)
+    torch_opt.step()
+    assert torch.isnan(reference).all()  # what we protect against
+
+
 def test_complex_parameters_are_rejected() -> None:
     z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
     opt = RiemannianAdam([z], lr=0.1)

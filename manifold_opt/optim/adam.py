@@ -91,8 +91,6 @@ class RiemannianAdam(BucketedOptimizer):
     def _step_bucket(
         self, group: dict[str, Any], bucket: Bucket
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        for state in bucket.states:
-            state["step"] += 1
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
         exp_avg_sq = bucket.stack_second_moment("exp_avg_sq")
@@ -104,7 +102,7 @@ class RiemannianAdam(BucketedOptimizer):
             bucket.stack_state("exp_avg"),
             exp_avg_sq,
             max_exp_avg_sq,
-            step=float(bucket.states[0]["step"]),
+            step=float(bucket.states[0]["step"]) + 1,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -117,3 +115,7 @@ class RiemannianAdam(BucketedOptimizer):
         if max_exp_avg_sq is not None:
             per_point["max_exp_avg_sq"] = max_exp_avg_sq
         return new_x, {"exp_avg": exp_avg}, per_point
+
+    def _bucket_stepped(self, bucket: Bucket) -> None:
+        for state in bucket.states:
+            state["step"] += 1

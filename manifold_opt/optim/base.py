@@ -122,9 +122,10 @@ class BucketedOptimizer(torch.optim.Optimizer):
     Args:
         params: tensors or param-group dicts, as for ``torch.optim``.
         defaults: default hyperparameters of a group.
-        nonfinite: what a bucket with a NaN/Inf gradient does: ``"skip"`` (default: its
-            parameters and state stay untouched and a ``RuntimeWarning`` is issued) or
-            ``"raise"`` (a ``FloatingPointError``). One reduction per bucket decides.
+        nonfinite: what a bucket with a NaN/Inf gradient, or whose update comes out
+            non-finite, does: ``"skip"`` (default: its parameters and state stay untouched
+            and a ``RuntimeWarning`` is issued) or ``"raise"`` (a ``FloatingPointError``).
+            One reduction per bucket decides, before and after the update.
 
     Attributes:
         skipped_steps: bucket steps skipped for a non-finite gradient.
@@ -157,10 +158,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def _step_bucket(
         self, group: dict[str, Any], bucket: Bucket
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Step one bucket: return the new points, the new tangent-vector states (stacked like
-        the points; they follow the points through any re-projection) and the new
-        one-scalar-per-point states. Other state (step counts) is updated in place."""
+        """Step one bucket without touching the stored parameters or state: return the new
+        points, the new tangent-vector states (stacked like the points; they follow the
+        points through any re-projection) and the new one-scalar-per-point states. They are
+        written back only if the new points are finite."""
         raise NotImplementedError
+
+    def _bucket_stepped(self, bucket: Bucket) -> None:
+        """Called after a bucket's results were written back (e.g. to advance step counts)."""
 
     # ---------------------------------------------------------------- stepping
     @torch.no_grad()
@@ -176,15 +181,18 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for bucket in self._buckets(group):
-                if not self._gradient_is_finite(bucket):
+                if not self._finite_or_skip(bucket, bucket.grad, "gradient"):
                     continue
                 new_x, tangents, per_point = self._step_bucket(group, bucket)
+                if not self._finite_or_skip(bucket, new_x, "update (finite gradient; e.g. a step that overflows)"):
+                    continue
                 self.reprojected_points += keep_on_manifold(bucket.manifold, new_x, list(tangents.values()))
                 bucket.write_params(new_x)
                 for name, stacked in tangents.items():
                     bucket.write_state(name, stacked)
                 for name, stacked in per_point.items():
                     bucket.write_state(name, stacked, per_point=True)
+                self._bucket_stepped(bucket)
         return loss
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
@@ -211,15 +219,17 @@ class BucketedOptimizer(torch.optim.Optimizer):
             for (manifold, point_shape, dtype, _, _), params in grouped.items()
         ]
 
-    def _gradient_is_finite(self, bucket: Bucket) -> bool:
-        # A sum is non-finite iff an entry is (or the sum overflows, at gradients near the
+    def _finite_or_skip(self, bucket: Bucket, tensor: Tensor, what: str) -> bool:
+        """True if ``tensor`` is finite; otherwise apply the ``nonfinite`` policy (warn and
+        skip the bucket, or raise) and return False."""
+        # A sum is non-finite iff an entry is (or the sum overflows, at values near the
         # dtype's maximum); it is far cheaper than isfinite().all() on CPU.
-        total = bucket.grad.sum(dtype=torch.promote_types(bucket.grad.dtype, torch.float32))
+        total = tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
         if math.isfinite(float(total)):
             return True
         shapes = ", ".join(f"{tuple(p.shape)}" for p in bucket.params)
         message = (
-            f"non-finite gradient in a bucket of {len(bucket.params)} parameter(s) on {bucket.manifold!r} "
+            f"non-finite {what} in a bucket of {len(bucket.params)} parameter(s) on {bucket.manifold!r} "
             f"(shapes {shapes})"
         )
         if self.nonfinite == "raise":

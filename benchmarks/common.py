@@ -58,6 +58,14 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``"mean ± std"`` over seeds (just the value for a single seed)."""
+    values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
     """A Markdown table of ``rows`` (dicts), columns in the order of ``columns`` or the first row."""
     columns = list(columns or rows[0])

@@ -31,7 +31,7 @@ from torch.nn import functional
 
 from manifold_opt.lowrank import OIALR
 
-from .common import digits, markdown_table, progress, save_figure, time_call, write_results
+from .common import digits, markdown_table, mean_std, progress, save_figure, time_call, write_results
 
 
 # ------------------------------------------------------------------ models
@@ -182,12 +182,6 @@ def train_one(
 
 
 # ------------------------------------------------------------------ reporting
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def summary_rows(results: dict[Config, list[Run]]) -> list[dict[str, Any]]:
     baseline = {
         optimizer: statistics.mean(r.accuracy for r in runs)

@@ -43,7 +43,7 @@ from torch.nn import functional
 from manifold_opt import PSI, PSISGD, ManifoldParameter, RiemannianSGD, Sphere
 from manifold_opt.optim import find_psi_weights
 
-from .common import digits, markdown_table, progress, save_figure, time_call, write_results
+from .common import digits, markdown_table, mean_std, progress, save_figure, time_call, write_results
 
 METHODS = ("SGD", "PSI-SGD", "sphere SGD")
 STARTS = {"original": 1.0, "rescaled ×10": 10.0}
@@ -195,17 +195,15 @@ def train(
 
 
 # ------------------------------------------------------------------ summaries
-def mean_std(values: list[float]) -> str:
+def seeds_cell(values: list[float]) -> str:
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < len(values):
         return f"diverged ({len(values) - len(finite)}/{len(values)})"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return mean_std(values, 4)
 
 
 def final(runs: list[Run], key: Callable[[Run], float]) -> str:
-    return mean_std([key(r) for r in runs])
+    return seeds_cell([key(r) for r in runs])
 
 
 def select(runs: list[Run], **fields: object) -> list[Run]:

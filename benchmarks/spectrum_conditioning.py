@@ -21,7 +21,7 @@ from torch import nn
 
 from manifold_opt.nn import condition_weight, oni_orthogonalize, weight_as_matrix
 
-from .common import markdown_table, progress, write_results
+from .common import markdown_table, mean_std, progress, write_results
 
 
 def kaiming(out: int, inp: int, seed: int) -> torch.Tensor:
@@ -40,11 +40,6 @@ def official_column(v: torch.Tensor, iterations: int) -> torch.Tensor:
     for _ in range(iterations):
         b = 1.5 * b - 0.5 * (b @ b @ b) @ s
     return zc @ b / norm.sqrt()
-
-
-def mean_sd(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
 
 def oni_rows(seeds: int) -> list[dict]:
@@ -68,9 +63,9 @@ def oni_rows(seeds: int) -> list[dict]:
                     "mode": label,
                     "singular values": which,
                     "T": iterations,
-                    "sigma_min": mean_sd(lows),
-                    "sigma_max": mean_sd(highs),
-                    "sigma_min / sigma_max": mean_sd([lo / hi for lo, hi in zip(lows, highs)]),
+                    "sigma_min": mean_std(lows, 4),
+                    "sigma_max": mean_std(highs, 4),
+                    "sigma_min / sigma_max": mean_std([lo / hi for lo, hi in zip(lows, highs)], 4),
                 }
             )
     return rows
@@ -135,7 +130,10 @@ def main() -> None:
         f"## Weight conditioning (float64, median over {seeds} seeds)\n\n" + markdown_table(conditioning_rows(seeds)),
     ]
     path = write_results(
-        "spectrum_conditioning", "What ONI and weight conditioning do to singular values", sections, command
+        "spectrum_conditioning" + ("_quick" if args.quick else ""),
+        "What ONI and weight conditioning do to singular values",
+        sections,
+        command,
     )
     print(f"wrote {path}")
 

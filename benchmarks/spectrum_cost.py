@@ -235,7 +235,12 @@ def main() -> None:
         "exponential and a sine of the singular values in every forward pass); ConditionedSpectrum keeps the "
         "weight itself in the band and projects after each optimizer step.\n\n" + markdown_table(training),
     ]
-    path = write_results("spectrum_cost", "Cost of ONI, weight conditioning and ConditionedSpectrum", sections, command)
+    path = write_results(
+        "spectrum_cost" + ("_quick" if args.quick else ""),
+        "Cost of ONI, weight conditioning and ConditionedSpectrum",
+        sections,
+        command,
+    )
     print(f"wrote {path}")
 
 

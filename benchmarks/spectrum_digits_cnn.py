@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from manifold_opt.nn import layer_spectra, oni, weight_conditioning
 
-from .common import digits, markdown_table, plot_mean_band, progress, save_figure, write_results
+from .common import digits, markdown_table, mean_std, plot_mean_band, progress, save_figure, write_results
 
 
 class Scale(nn.Module):
@@ -106,8 +106,7 @@ def summarize(results: dict[str, list[dict]], epochs: list[int]) -> list[dict]:
         row: dict = {"variant": variant}
         for epoch in epochs:
             values = [100 * run["accuracy"][epoch - 1] for run in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            row[f"test acc. @ epoch {epoch} [%]"] = f"{statistics.mean(values):.1f} ± {spread:.1f}"
+            row[f"test acc. @ epoch {epoch} [%]"] = mean_std(values, 1)
         row["train loss (last epoch)"] = statistics.mean(run["loss"][-1] for run in runs)
         row["s / epoch"] = statistics.mean(run["seconds_per_epoch"] for run in runs)
         row["median kappa, conv 2..L (end)"] = statistics.mean(run["kappa"] for run in runs)
@@ -115,7 +114,7 @@ def summarize(results: dict[str, list[dict]], epochs: list[int]) -> list[dict]:
     return rows
 
 
-def plot(results: dict[str, list[dict]]) -> None:
+def plot(results: dict[str, list[dict]], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +130,7 @@ def plot(results: dict[str, list[dict]]) -> None:
     axis.set_title("Digits, plain CNN without BatchNorm (mean, min-max over seeds)")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=7)
-    save_figure(figure, "spectrum_digits_cnn")
+    save_figure(figure, name)
 
 
 def main() -> None:
@@ -149,7 +148,8 @@ def main() -> None:
     for variant, seed in progress(runs, "digits cnn"):
         results[variant].append(train(variant, seed, data, config))
     checkpoints = sorted({1, max(1, config.epochs // 3), max(1, config.epochs // 2), config.epochs})
-    plot(results)
+    name = "spectrum_digits_cnn" + ("_quick" if args.quick else "")
+    plot(results, name)
     command = "python -m benchmarks.spectrum_digits_cnn" + (" --quick" if args.quick else "")
     setup = (
         f"sklearn digits (1347 train / 450 test, standardized), {config.depth} conv layers 3x3 of width "
@@ -160,8 +160,8 @@ def main() -> None:
         "column mode). The median condition number is over the convs after the first, at the end."
     )
     sections = ["## Setup\n\n" + setup, "## Test accuracy\n\n" + markdown_table(summarize(results, checkpoints))]
-    sections.append("![test accuracy per epoch](spectrum_digits_cnn.png)")
-    path = write_results("spectrum_digits_cnn", "Digits with a deep plain CNN", sections, command)
+    sections.append(f"![test accuracy per epoch]({name}.png)")
+    path = write_results(name, "Digits with a deep plain CNN", sections, command)
     print(f"wrote {path}")
 
 

@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from manifold_opt.nn import layer_spectra, oni, weight_conditioning
 
-from .common import markdown_table, plot_mean_band, progress, save_figure, write_results
+from .common import markdown_table, mean_std, plot_mean_band, progress, save_figure, write_results
 
 
 class ScaledWeightStandardization(nn.Module):
@@ -121,8 +121,7 @@ def summarize(results: dict[str, list[dict]], checkpoints: list[int]) -> list[di
         row: dict = {"variant": variant}
         for checkpoint in checkpoints:
             values = [dict(run["curve"])[checkpoint] for run in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            row[f"PSNR @ {checkpoint} [dB]"] = f"{statistics.mean(values):.2f} ± {spread:.2f}"
+            row[f"PSNR @ {checkpoint} [dB]"] = mean_std(values, 2)
         row["ms / step"] = 1e3 * statistics.mean(run["seconds_per_step"] for run in runs)
         row["kappa, hidden layer 1 (end)"] = statistics.mean(run["kappa_first"] for run in runs)
         row["median kappa, hidden layers 2.. (end)"] = statistics.mean(run["kappa"] for run in runs)
@@ -130,7 +129,7 @@ def summarize(results: dict[str, list[dict]], checkpoints: list[int]) -> list[di
     return rows
 
 
-def plot(results: dict[str, list[dict]]) -> None:
+def plot(results: dict[str, list[dict]], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +145,7 @@ def plot(results: dict[str, list[dict]]) -> None:
     axis.set_title("64x64 image fit, ReLU MLP with positional encoding (mean, min-max over seeds)")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
-    save_figure(figure, "spectrum_image_fit")
+    save_figure(figure, name)
 
 
 def main() -> None:
@@ -174,7 +173,8 @@ def main() -> None:
         results[variant].append(train(variant, seed, data, config))
     checkpoints = sorted({config.steps // 5, config.steps // 2, config.steps})
     checkpoints = [c - c % config.every for c in checkpoints]
-    plot(results)
+    name = "spectrum_image_fit" + ("_quick" if args.quick else "")
+    plot(results, name)
     command = "python -m benchmarks.spectrum_image_fit" + (" --quick" if args.quick else "")
     setup = (
         f"Image `china.jpg` (sklearn), center crop, area-resized to {config.size}x{config.size}, RGB in [0, 1]; "
@@ -188,8 +188,8 @@ def main() -> None:
         "so centered ONI and standardization give kappa of order 1e7 there)."
     )
     sections = ["## Setup\n\n" + setup, "## PSNR\n\n" + markdown_table(summarize(results, checkpoints))]
-    sections.append("![PSNR against steps](spectrum_image_fit.png)")
-    path = write_results("spectrum_image_fit", "Coordinate-MLP image fitting", sections, command)
+    sections.append(f"![PSNR against steps]({name}.png)")
+    path = write_results(name, "Coordinate-MLP image fitting", sections, command)
     print(f"wrote {path}")
 
 

@@ -93,7 +93,7 @@ def timing_rows(sizes: list[int], iterations: int) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +116,7 @@ def plot(rows: list[dict]) -> None:
         axis.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("||clip - project|| / ||project||")
     axes[0].legend(fontsize=7)
-    save_figure(figure, "spectrum_projection")
+    save_figure(figure, name)
 
 
 def main() -> None:
@@ -130,7 +130,8 @@ def main() -> None:
     accuracy = accuracy_rows(sizes, counts, seeds)
     timing_sizes = [64, 128, 256] if args.quick else [64, 128, 256, 512, 1024]
     timing = timing_rows(timing_sizes, iterations=DEFAULT_NEWTON_ITERATIONS)
-    plot(accuracy)
+    name = "spectrum_projection" + ("_quick" if args.quick else "")
+    plot(accuracy, name)
     command = "python -m benchmarks.spectrum_projection" + (" --quick" if args.quick else "")
     sections = [
         "## Accuracy of the matmul-only clipping\n\n"
@@ -140,9 +141,9 @@ def main() -> None:
         f"N(0, 4/n) entries, singular values from ~0 to ~4, band [0.5, 2]. Max over {seeds} seed(s).\n\n"
         + markdown_table(accuracy),
         "## Time per matrix (float32, 1 thread, CPU)\n\n" + markdown_table(timing),
-        "![accuracy](spectrum_projection.png)",
+        f"![accuracy]({name}.png)",
     ]
-    path = write_results("spectrum_projection", "Matmul-only spectral clipping vs SVD projection", sections, command)
+    path = write_results(name, "Matmul-only spectral clipping vs SVD projection", sections, command)
     print(f"wrote {path}")
 
 

@@ -63,7 +63,31 @@ def test_qr_retraction_is_geoopts_euclidean_stiefel_map(size: tuple[int, int], s
     stiefel = Stiefel(retraction="qr")
     x = stiefel.random_point((n, p), generator=generator(seed), dtype=F64)
     u = stiefel.random_tangent(x, generator=generator(seed + 1))
-    torch.testing.assert_close(stiefel.retract(x, u), geoopt.EuclideanStiefel().retr(x, u), atol=1e-13, rtol=0)
+    u = u * (2.9 / torch.linalg.matrix_norm(u.mT @ u).sqrt()).clamp(max=1)  # below the step limit
+    torch.testing.assert_close(stiefel.retract(x, u), geoopt.EuclideanStiefel().retr(x, u), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("retraction", ["qr", "polar", "newton"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_long_steps_are_shortened_to_the_limit_and_land_exactly(retraction: str, dtype: torch.dtype) -> None:
+    """A step with ||u^T u||_F > 9 is retracted as the step scaled to ||u^T u||_F = 16: the same
+    point as the explicitly shortened step, on the manifold to working precision, for steps up
+    to 1e6 and rank-1 steps (the worst conditioned)."""
+    from manifold_opt.manifolds.stiefel import MAX_STEP
+
+    stiefel = Stiefel(retraction=retraction)
+    gen = generator(7)
+    x = stiefel.random_point((3, 40, 8), generator=gen, dtype=dtype)
+    rank_one = torch.randn(3, 40, 1, generator=gen, dtype=dtype) @ torch.randn(3, 1, 8, generator=gen, dtype=dtype)
+    for direction in (stiefel.random_tangent(x, generator=gen), stiefel.project_tangent(x, rank_one)):
+        for size in (5.0, 100.0, 1e6):
+            u = direction * (size / torch.linalg.matrix_norm(direction.mT @ direction).sqrt())[..., None, None]
+            y = stiefel.retract(x, u)
+            tolerance = {"qr": 1.5e-6, "polar": 6e-6, "newton": 6e-6}[retraction] if dtype == torch.float32 else 1e-13
+            assert float(stiefel.distance_to_manifold(y).max()) < tolerance
+            if dtype == F64:
+                shortened = u * (MAX_STEP / size)
+                torch.testing.assert_close(y, stiefel.retract(x, shortened), atol=1e-9, rtol=0)
 
 
 @given(size=matrix_sizes, seed=seeds)
@@ -117,14 +141,17 @@ def test_newton_iteration_count_grows_with_the_interval() -> None:
 
 
 @pytest.mark.parametrize("t", [0.05, 0.4, 3.0])
-def test_cayley_iteration_matches_the_exact_cayley_transform(t: float) -> None:
-    from manifold_opt.manifolds.stiefel import _cayley_exact
+def test_cayley_default_is_the_exact_transform_of_the_limited_step(t: float) -> None:
+    from manifold_opt.manifolds.stiefel import MAX_STEP, _cayley_exact
 
     stiefel = Stiefel(retraction="cayley")
     x = stiefel.random_point((4, 9, 3), generator=generator(3), dtype=F64)
     u = t * stiefel.random_tangent(x, generator=generator(4))
     u_bar = u - 0.5 * x @ (x.mT @ u)
-    torch.testing.assert_close(stiefel.retract(x, u), _cayley_exact(x, u_bar), atol=1e-13, rtol=0)
+    limited = u_bar * (MAX_STEP / torch.linalg.matrix_norm(u_bar)).clamp(max=1)[..., None, None]
+    torch.testing.assert_close(stiefel.retract(x, u), _cayley_exact(x, limited), atol=1e-13, rtol=0)
+    if t == 3.0:
+        assert (torch.linalg.matrix_norm(u_bar) > MAX_STEP).all()  # the limit is exercised
 
 
 def test_fixed_cayley_iterations_err_by_a_power_of_the_step() -> None:

@@ -28,6 +28,61 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# A step size: one number, or one per point (a tensor that broadcasts against the points,
+# e.g. ``(num_points, 1, 1)`` for matrices), as Adam's per-point step sizes are.
+StepSize = float | Tensor
+
+
+class Workspace:
+    """Scratch tensors reused from one step to the next (the optimizers keep one per bucket).
+
+    ``like(name, tensor)`` returns a contiguous buffer with the shape, dtype and device of
+    ``tensor``, allocated on first use. Reusing buffers avoids allocating full-size
+    temporaries at every step, which on CPUs also costs page faults. A buffer belongs to
+    its caller until the same name is asked for again; geometry methods take an optional
+    workspace and allocate when given none.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def like(self, name: str, tensor: Tensor) -> Tensor:
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.shape != tensor.shape
+            or buffer.dtype != tensor.dtype
+            or buffer.device != tensor.device
+        ):
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+            self._buffers[name] = buffer
+        return buffer
+
+    def clear(self) -> None:
+        """Drop every buffer (memory is returned; the next step allocates again)."""
+        self._buffers.clear()
+
+
+def add_step(x: Tensor, u: Tensor, t: StepSize, *, out: Tensor | None = None) -> Tensor:
+    """``x + t u`` in one pass, for a number ``t`` (torch's fused add) or per-point ``t``."""
+    if isinstance(t, Tensor):
+        return torch.addcmul(x, u, t, out=out)
+    return torch.add(x, u, alpha=t, out=out)
+
+
+def combine(v: Tensor, a: float, g: Tensor, b: float, *, out: Tensor | None = None) -> Tensor:
+    """``a v + b g``: one pass when ``b`` is 1, two otherwise; ``out`` may be ``v`` or ``g``."""
+    if b == 1:
+        return torch.add(g, v, alpha=a, out=out)
+    if out is v:
+        return v.mul_(a).add_(g, alpha=b)
+    return torch.mul(g, b, out=out).add_(v, alpha=a)
+
+
+def into(out: Tensor | None, result: Tensor) -> Tensor:
+    """``result``, copied into ``out`` when one is given (for methods with no in-place form)."""
+    return result if out is None else out.copy_(result)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Manifold(ABC):
@@ -108,28 +163,69 @@ class Manifold(ABC):
         """Nearest point of the manifold (Frobenius norm)."""
 
     @abstractmethod
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
-        """Orthogonal projection of ``u`` onto the tangent space at ``x``."""
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """Orthogonal projection of ``u`` onto the tangent space at ``x`` (written into
+        ``out`` if given, which may be ``u`` itself)."""
 
     @abstractmethod
-    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        """Riemannian gradient from the Euclidean gradient ``g`` at ``x``."""
+    def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """Riemannian gradient from the Euclidean gradient ``g`` at ``x`` (into ``out`` if given)."""
 
     @abstractmethod
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         r"""Retraction :math:`R_x(t u)`.
 
-        ``t`` scales ``u`` inside the retraction so that the Euclidean case can be one
-        fused ``x + t u`` (bit-identical to ``torch.optim``).
+        ``t`` scales ``u`` inside the retraction (a number, or one per point: a tensor that
+        broadcasts against ``x``), so that the Euclidean case is one fused ``x + t u``
+        (bit-identical to ``torch.optim``) and a per-point step costs no extra pass.
+        ``workspace`` lends scratch buffers; the result may be one of them.
         """
 
     @abstractmethod
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """Vector transport of ``v`` from the tangent space at ``x`` to the one at ``y``."""
 
-    def retract_transport(self, x: Tensor, u: Tensor, v: Tensor, t: float = 1.0) -> tuple[Tensor, Tensor]:
+    @property
+    def transport_is_projection(self) -> bool:
+        """True when :meth:`transport` is the tangent projection at the destination,
+        ``transport(x, y, v) = project_tangent(y, v)``.
+
+        The optimizers then transport lazily: a momentum is stored where it was formed and
+        projected at the next step, together with the new gradient (projection is linear,
+        so ``P_y(a m + b g) = a P_y(m) + b P_y(g)``): one projection per step instead of
+        two. Manifolds whose transport needs the old point (geoopt's parallel transports)
+        keep this False and are transported at the end of each step.
+        """
+        return False
+
+    def transport_add(
+        self, x: Tensor, v: Tensor, w: Tensor, a: float, b: float, *, out: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`a\,\mathcal{T}(v) + b\,w` for ``w`` tangent at ``x``: a stored momentum ``v``
+        brought to ``x`` and combined with a new tangent vector.
+
+        With :attr:`transport_is_projection` the optimizers store ``v`` un-transported, and
+        this is :math:`P_x(a v + b w)`, one projection; otherwise ``v`` was transported at the
+        end of the previous step and this is :math:`a v + b w`.
+        """
+        if self.transport_is_projection:
+            return self.project_tangent(x, combine(v, a, w, b, out=out), out=out)
+        return combine(v, a, w, b, out=out)
+
+    def transport_add_grad(
+        self, x: Tensor, v: Tensor, g: Tensor, a: float, b: float, *, out: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`a\,\mathcal{T}(v) + b\operatorname{grad}f(x)` from the Euclidean gradient ``g``
+        (see :meth:`transport_add`). Manifolds whose Riemannian gradient is a projection of
+        a rescaled ``g`` override this to project once: :math:`P_x(a v + b g)` for an
+        embedded manifold."""
+        return self.transport_add(x, v, self.riemannian_grad(x, g), a, b, out=out)
+
+    def retract_transport(
+        self, x: Tensor, u: Tensor, v: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``y = retract(x, u, t)`` and ``transport(x, y, v)`` at once."""
-        y = self.retract(x, u, t)
+        y = self.retract(x, u, t, workspace=workspace)
         return y, self.transport(x, y, v)
 
     @abstractmethod
@@ -184,11 +280,20 @@ class EmbeddedManifold(Manifold):
     at the new point, inner product = Frobenius inner product of each point.
     """
 
-    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        return self.project_tangent(x, g)
+    def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return self.project_tangent(x, g, out=out)
 
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return self.project_tangent(y, v)
+
+    @property
+    def transport_is_projection(self) -> bool:
+        return True
+
+    def transport_add_grad(
+        self, x: Tensor, v: Tensor, g: Tensor, a: float, b: float, *, out: Tensor | None = None
+    ) -> Tensor:
+        return self.project_tangent(x, combine(v, a, g, b, out=out), out=out)
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         return self._sum_point_dims(u * v)

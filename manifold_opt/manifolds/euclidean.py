@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Manifold
+from .base import Manifold, StepSize, Workspace, add_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,14 +43,14 @@ class Euclidean(Manifold):
     def project(self, x: Tensor) -> Tensor:
         return x
 
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
-        return u
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return u if out is None or out is u else out.copy_(u)
 
-    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        return g
+    def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return g if out is None or out is g else out.copy_(g)
 
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
-        return torch.add(x, u, alpha=t)
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
+        return add_step(x, u, t)
 
     def exp(self, x: Tensor, u: Tensor) -> Tensor:
         """Exponential map ``x + u`` (equal to the retraction)."""
@@ -61,6 +61,10 @@ class Euclidean(Manifold):
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         return u * v
+
+    @property
+    def transport_is_projection(self) -> bool:
+        return True
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:
         return torch.zeros_like(x)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Manifold
+from .base import Manifold, StepSize, Workspace, into
 from .euclidean import Euclidean
 from .sphere import Sphere
 from .stiefel import Stiefel
@@ -72,20 +72,22 @@ class GeooptManifold(Manifold):
     def project(self, x: Tensor) -> Tensor:
         return self.manifold.projx(x)
 
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
-        return self.manifold.proju(x, u)
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return into(out, self.manifold.proju(x, u))
 
-    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        return self.manifold.egrad2rgrad(x, g)
+    def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return into(out, self.manifold.egrad2rgrad(x, g))
 
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
-        return self.manifold.retr(x, t * u)
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
+        return self.manifold.retr(x, u * t)
 
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return self.manifold.transp(x, y, v)
 
-    def retract_transport(self, x: Tensor, u: Tensor, v: Tensor, t: float = 1.0) -> tuple[Tensor, Tensor]:
-        return self.manifold.retr_transp(x, t * u, v)
+    def retract_transport(
+        self, x: Tensor, u: Tensor, v: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.manifold.retr_transp(x, u * t, v)
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         return self.manifold.inner(x, u, v, keepdim=True)

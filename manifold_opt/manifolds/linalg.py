@@ -6,6 +6,8 @@ Every function broadcasts over leading dimensions: a matrix argument has shape
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -60,9 +62,20 @@ def polar_eigh(a: Tensor) -> Tensor:
 
     Shapes: ``a (..., n, p)`` with ``n >= p`` -> ``(..., n, p)``.
     """
-    eigenvalues, vectors = torch.linalg.eigh(a.mT @ a)
-    inv_sqrt = eigenvalues.clamp_min(torch.finfo(a.dtype).tiny).rsqrt()
-    return a @ ((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT)
+    return polar_from_gram(a, a.mT @ a)
+
+
+def polar_from_gram(w: Tensor, gram: Tensor) -> Tensor:
+    r"""The polar factor :math:`W (W^\top W)^{-1/2}` of tall ``W`` from its Gram matrix, by ``eigh``.
+
+    Exact to :math:`\operatorname{cond}(W)^2\,\varepsilon` (the Gram matrix squares the
+    condition number), so meant for well-conditioned ``W``.
+
+    Shapes: ``w (..., n, p)``, ``gram (..., p, p)`` -> ``(..., n, p)``.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    inv_sqrt = eigenvalues.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
+    return w @ ((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT)
 
 
 def newton_schulz(y: Tensor, iterations: int) -> Tensor:
@@ -118,3 +131,72 @@ def newton_iterations_needed(lambda_low: float, lambda_high: float, tolerance: f
             return count
         values = [1.5 * b - 0.5 * b**3 * lam for lam, b in zip(ends, values)]
     return limit
+
+
+def cholesky_orthonormalize(w: Tensor, gram: Tensor, *, out: Tensor | None = None) -> Tensor:
+    r"""The orthonormal factor :math:`W R^{-1}` of ``W`` given its Gram matrix :math:`R^\top R = W^\top W`.
+
+    This is Cholesky-QR: the ``Q`` factor of ``W = QR`` with positive ``diag(R)`` (the map of
+    :func:`qr_positive`) from one ``p x p`` Cholesky factorization and one product with
+    ``W``. It loses orthonormality as :math:`\operatorname{cond}(W)^2\,\varepsilon`, so it is
+    meant for well-conditioned ``W`` (a retraction step). A failed factorization (``gram``
+    not positive definite, or not finite) gives NaN, never a wrong finite matrix. The
+    triangular solve is replaced by a product with the explicit inverse of ``R`` when ``W``
+    is tall enough (``n >= 4p``) for the ``p x p`` inverse to be cheap, since a solve with a
+    tall, narrow right-hand side runs far below matmul speed on CPUs. No host
+    synchronization.
+
+    Args:
+        w: matrices, tall (``n >= p``).
+        gram: their Gram matrices ``w^T w`` (or the Gram matrix the caller knows ``w`` has).
+        out: where to write the result; it may be ``w`` itself.
+
+    Shapes: ``w (..., n, p)``, ``gram (..., p, p)`` -> ``(..., n, p)``.
+    """
+    lower, info = torch.linalg.cholesky_ex(gram)
+    lower = torch.where((info == 0)[..., None, None], lower, torch.nan)
+    n, p = w.shape[-2:]
+    if n >= 4 * p:
+        inverse = torch.linalg.solve_triangular(lower, identity_like(lower).expand_as(lower), upper=False)
+        if out is w or out is None:
+            return w @ inverse.mT
+        return torch.matmul(w, inverse.mT, out=out)
+    return torch.linalg.solve_triangular(lower.mT, w, upper=True, left=False, out=out)
+
+
+def inverse_sqrt_newton(a: Tensor, iterations: int) -> Tensor:
+    r""":math:`A^{-1/2}` of symmetric positive definite ``a`` by the coupled Newton–Schulz iteration.
+
+    .. math::
+        Y_0 = A,\ Z_0 = I,\quad T = \tfrac12 (3I - Z_t Y_t),\quad Y_{t+1} = Y_t T,\ Z_{t+1} = T Z_t,
+
+    so that :math:`Z_t \to A^{-1/2}` and :math:`Y_t \to A^{1/2}` (Higham, *Functions of
+    Matrices*, §6.7, the stable coupled form). Each eigenvalue :math:`\lambda` follows the
+    scalar map of :func:`newton_schulz` for :math:`\sigma = \sqrt\lambda`: scale ``a`` so
+    its eigenvalues lie in ``(0, 3)``. Matmuls only, three ``p x p`` products per step.
+
+    Shapes: ``a (..., p, p)`` -> ``(..., p, p)``.
+    """
+    eye = identity_like(a)
+    y, z = a, eye.expand_as(a)
+    for _ in range(iterations):
+        t = 1.5 * eye - 0.5 * (z @ y)
+        y, z = y @ t, t @ z
+    return z
+
+
+def unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The unit vector and the norm of each point, scale-safe.
+
+    The norm is ``s * ||x / s||`` with ``s = max |x_i|``, so rows of norm far below the
+    square root of the smallest normal number (or above that of the largest) do not
+    underflow (overflow) as ``sqrt(sum x_i^2)`` would. A zero row gives unit 0 and norm 0.
+
+    Shapes: ``x (..., d)`` -> ``((..., d), (..., 1))``.
+    """
+    scale = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = x / scale
+    scaled_norm = scaled.norm(dim=-1, keepdim=True)
+    unit = scaled / torch.where(scaled_norm > 0, scaled_norm, torch.ones_like(scaled_norm))
+    return unit, scale * scaled_norm

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Manifold, numel
+from .base import Manifold, StepSize, Workspace, add_step, combine, into, numel
+from .linalg import unit_and_norm
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,23 +114,35 @@ class PSI(Manifold):
         :meth:`distance_to_manifold` reports it)."""
         return x
 
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
         """Horizontal projection :math:`u - \\langle u, \\hat x\\rangle \\hat x` (``u`` unchanged at a zero point)."""
         unit, _ = unit_and_norm(x)
-        return u - (u * unit).sum(-1, keepdim=True) * unit
+        return torch.addcmul(u, unit, (u * unit).sum(-1, keepdim=True), value=-1, out=out)
 
-    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
+    def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
         r""":math:`\|x\|^2 P_x(g)`, computed as :math:`\|x\|(\|x\| P_x(g))` so that neither
         factor underflows or overflows on its own."""
         unit, norm = unit_and_norm(x)
         horizontal = g - (g * unit).sum(-1, keepdim=True) * unit
-        return norm * (norm * horizontal)
+        return into(out, norm * (norm * horizontal))
 
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
-        return torch.add(x, u, alpha=t)
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
+        return add_step(x, u, t)
 
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return self.project_tangent(y, v)
+
+    @property
+    def transport_is_projection(self) -> bool:
+        return True
+
+    def transport_add_grad(
+        self, x: Tensor, v: Tensor, g: Tensor, a: float, b: float, *, out: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`P_x(a v) + b\|x\|^2 P_x(g) = P_x(a v + b\|x\|^2 g)`: one projection (the
+        metric factor is applied as :math:`\|x\|(\|x\| g)`, scale-safely)."""
+        _, norm = unit_and_norm(x)
+        return self.project_tangent(x, combine(v, a, norm * (norm * g), b), out=out)
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         _, norm = unit_and_norm(x)
@@ -161,20 +174,3 @@ class PSI(Manifold):
         ux, _ = unit_and_norm(x)
         uy, _ = unit_and_norm(y)
         return 2 * torch.atan2((ux - uy).norm(dim=-1), (ux + uy).norm(dim=-1))
-
-
-def unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The unit vector and the norm of each point, scale-safe.
-
-    The norm is ``s * ||x / s||`` with ``s = max |x_i|``, so rows of norm far below the
-    square root of the smallest normal number (or above that of the largest) do not
-    underflow (overflow) as ``sqrt(sum x_i^2)`` would. A zero row gives unit 0 and norm 0.
-
-    Shapes: ``x (..., d)`` -> ``((..., d), (..., 1))``.
-    """
-    scale = x.abs().amax(-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scaled = x / scale
-    scaled_norm = scaled.norm(dim=-1, keepdim=True)
-    unit = scaled / torch.where(scaled_norm > 0, scaled_norm, torch.ones_like(scaled_norm))
-    return unit, scale * scaled_norm

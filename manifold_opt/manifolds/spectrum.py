@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Manifold, check_iterations
+from .base import Manifold, StepSize, Workspace, add_step, check_iterations
 from .linalg import identity_like, newton_schulz, qr_positive
 
 SPECTRUM_RETRACTIONS = ("svd", "newton")
@@ -166,26 +166,28 @@ class ConditionedSpectrum(Manifold):
         inside = (clamped == s).all(-1)
         return torch.where(inside[..., None, None], x, projected)
 
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
-        return u
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return u if out is None or out is u else out.copy_(u)
 
-    def riemannian_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        return g
+    def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return g if out is None or out is g else out.copy_(g)
 
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
-        y = torch.add(x, u, alpha=t)
-        if y.numel() and not bool(torch.isfinite(y).all()):
-            # matmuls would spread NaN silently (and LAPACK reports an unrelated convergence failure)
-            raise FloatingPointError(
-                f"ConditionedSpectrum.retract: x + t*u is not finite (t={t!r}); the step overflowed, "
-                "lower the learning rate"
-            )
-        if self.retraction == "svd":
-            return self.project(y)
-        return self.project_approximate(y)
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
+        """``project(x + t u)`` (or its matmul-only approximation). A non-finite ``x + t u``
+        (an overflowing step) gives NaN points, never a LAPACK error or a finite guess: the
+        matrices are replaced by zeros for the factorization, then marked."""
+        y = add_step(x, u, t)
+        finite = torch.isfinite(y).flatten(-2).all(-1)[..., None, None]
+        y = torch.where(finite, y, 0.0)
+        y = self.project(y) if self.retraction == "svd" else self.project_approximate(y)
+        return torch.where(finite, y, torch.nan)
 
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return v
+
+    @property
+    def transport_is_projection(self) -> bool:
+        return True
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         return self._sum_point_dims(u * v)

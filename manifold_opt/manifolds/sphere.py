@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import EmbeddedManifold, numel
+from .base import EmbeddedManifold, StepSize, Workspace, add_step, numel
+from .linalg import unit_and_norm
 
 SPHERE_RETRACTIONS = ("projection", "exp")
 
@@ -63,26 +64,22 @@ class Sphere(EmbeddedManifold):
         return (dim,)
 
     def project(self, x: Tensor) -> Tensor:
-        return x / _norm(x)
+        """``x / ||x||`` with a scale-safe norm (entries near the dtype's limits neither
+        overflow nor underflow); a zero point stays zero."""
+        return unit_and_norm(x)[0]
 
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
-        return u - (x * u).sum(-1, keepdim=True) * x
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
+        return torch.addcmul(u, x, (x * u).sum(-1, keepdim=True), value=-1, out=out)
 
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         if self.retraction == "exp":
-            return self.exp(x, t * u)
-        return self.project(torch.add(x, u, alpha=t))
+            return self.exp(x, u * t)
+        return self.project(add_step(x, u, t))
 
     def exp(self, x: Tensor, u: Tensor) -> Tensor:
         """Exponential map (great circle through ``x`` with initial velocity ``u``)."""
-        norm_u = u.norm(dim=-1, keepdim=True)
-        direction = u / norm_u.clamp_min(torch.finfo(u.dtype).tiny)
+        direction, norm_u = unit_and_norm(u)
         return self.project(x * torch.cos(norm_u) + direction * torch.sin(norm_u))
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:
         return ((x * x).sum(-1) - 1).abs()
-
-
-def _norm(x: Tensor) -> Tensor:
-    """Norm of each point, floored so that a zero point gives 0/tiny = 0 rather than NaN."""
-    return x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

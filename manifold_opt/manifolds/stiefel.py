@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import EmbeddedManifold, check_iterations
+from .base import EmbeddedManifold, StepSize, Workspace, add_step, check_iterations, into
 from .linalg import (
+    cholesky_orthonormalize,
     identity_like,
+    inverse_sqrt_newton,
     newton_iterations_needed,
     newton_schulz,
-    polar_eigh,
+    polar_from_gram,
     polar_svd,
     qr_positive,
     sym,
@@ -22,14 +23,15 @@ from .linalg import (
 
 STIEFEL_RETRACTIONS = ("qr", "polar", "cayley", "newton")
 
-# Newton retraction: with S = (X + u)^T (X + u) and delta = ||S - I||_F, the eigenvalues of
-# S lie in [1 - delta, 1 + delta]. Points with delta above this are scaled by 1 / (1 + delta)
-# (their eigenvalues are >= 1 for X on the manifold and u tangent, so they land in
-# [1 / (1 + delta), 1]).
+# The largest step the Gram-based retractions take: ||u^T u||_F <= MAX_STEP**2, i.e. the
+# Schatten-4 norm (sum of sigma_i(u)^4)^(1/4) <= 3, which bounds the largest singular value
+# of the step by 3 (a turn of at most atan(3) = 72 degrees of any direction). At the limit,
+# Cholesky-QR of X + u is orthonormal to float32 rounding (max |Y^T Y - I| <= 1.1e-6 over
+# rank-1 steps of norm up to 1e6 on 16 x 16 to 256 x 64 points; tests/test_stiefel.py checks
+# < 1.5e-6); beyond it the Gram matrix (condition number 1 + sigma_max^2) would lose that.
+MAX_STEP = 3.0
+# Newton retraction: S = W^T W with delta = ||S - I||_F; above this S is scaled by 1 / (1 + delta).
 _NEWTON_SCALE_ABOVE = 0.9
-# The fixed-point Cayley iteration contracts by q = ||t u_bar||_F; above this the exact
-# (Woodbury) solve is cheaper than the iterations it would need.
-_CAYLEY_EXACT_ABOVE = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,28 +48,43 @@ class Stiefel(EmbeddedManifold):
         P_X(g) = g - X\,\mathrm{sym}(X^\top g), \qquad
         \text{project}(A) = UV^\top \text{ for } A = U\Sigma V^\top.
 
-    Retractions :math:`R_X(u)`:
+    Retractions :math:`R_X(u)` (all free of host synchronization):
 
-    * ``"qr"``: the ``Q`` factor of ``X + u`` with positive ``diag(R)`` (the map of
-      geoopt's ``EuclideanStiefel.retr``); first order; the fastest LAPACK choice.
-    * ``"polar"``: :math:`(X+u)(I + u^\top u)^{-1/2}`, the polar factor of ``X + u`` by
-      ``eigh`` of a ``p x p`` Gram matrix; second order.
+    * ``"qr"`` (default): the ``Q`` factor of ``W = X + u`` with positive ``diag(R)`` (the
+      map of geoopt's ``EuclideanStiefel.retr``); first order. Computed by Cholesky-QR:
+      :math:`Y = W R^{-1}` with :math:`R^\top R = W^\top W`, one Gram product, a
+      ``p x p`` Cholesky factorization and one triangular solve (or a product with
+      :math:`R^{-1}` for tall ``W``). The Gram matrix is formed from ``W`` itself, so
+      rounding errors in ``X`` are removed at every step instead of accumulating.
+    * ``"polar"``: the polar factor :math:`W (W^\top W)^{-1/2}`, by ``eigh`` of the
+      ``p x p`` Gram matrix; second order.
     * ``"cayley"``: :math:`(I - \tfrac12 A)^{-1}(I + \tfrac12 A)X` with
-      :math:`A = \bar u X^\top - X \bar u^\top`, :math:`\bar u = u - \tfrac12 X X^\top u`,
-      solved by the fixed-point iteration of Li, Fuxin and Todorovic (ICLR 2020),
-      :math:`Y \leftarrow X + \tfrac12 A(X + Y)`, with ``A`` kept in factored form
-      (``O(np^2)`` per iteration, matmuls only). The iteration contracts by
-      :math:`q = \|\bar u\|_F`; for ``q >= 0.5`` the exact solve (a ``2p x 2p`` system by
-      the Woodbury identity) replaces it, so there is no cap on the step size.
-    * ``"newton"``: the polar factor of ``X + u`` by the Newton–Schulz iteration
-      (:func:`~manifold_opt.manifolds.linalg.newton_schulz`, the iteration of ONI);
-      matmuls only; second order once converged. ``X + u`` is scaled into the
-      convergence region when a cheap bound on its norm asks for it.
+      :math:`A = \bar u X^\top - X \bar u^\top`, :math:`\bar u = u - \tfrac12 X X^\top u`.
+      By default solved exactly (a ``2p x 2p`` system by the Woodbury identity, or the
+      ``n x n`` one when that is smaller); with ``iterations=k``, by ``k`` steps of the
+      fixed-point iteration of Li, Fuxin and Todorovic (ICLR 2020),
+      :math:`Y \leftarrow X + \tfrac12 A(X + Y)` (matmuls only, ``O(np^2)`` each).
+    * ``"newton"``: the polar factor of ``W`` by the Newton–Schulz iteration
+      (:func:`~manifold_opt.manifolds.linalg.newton_schulz`, the iteration of ONI),
+      matmuls only; second order. By default the iteration count is the one that converges
+      for every step the retraction accepts (7 in float32, 8 in float64), on the
+      ``p x p`` Gram matrix when ``W`` is tall enough for that to be cheaper; with
+      ``iterations=k``, ``k`` steps (then the optimizers' drift check re-projects points
+      that leave the manifold).
 
-    ``iterations``: for ``"cayley"`` and ``"newton"``, ``None`` (default) picks the
-    number of iterations that reaches working precision from a bound on the step (one
-    host synchronization per call); an int fixes it (Li et al. use 2 for Cayley), in which
-    case the optimizers' drift check re-projects points that leave the manifold.
+    **Long steps.** ``"qr"``, ``"polar"`` and ``"newton"`` work from the Gram matrix
+    :math:`W^\top W = I + u^\top u`, whose condition number :math:`1 + \sigma_{\max}(u)^2`
+    costs accuracy as it grows. A step with :math:`\|u^\top u\|_F > 9` (Schatten-4
+    norm :math:`(\sum_i \sigma_i(u)^4)^{1/4} > 3`, which bounds every :math:`\sigma_i(u)`
+    by 3: a turn of at most 72° of any direction) is shortened to that length before it is
+    retracted, so every step lands on the manifold to working precision whatever the
+    learning rate or the gradient's scale (float32, measured at the limit:
+    :math:`\max|Y^\top Y - I|` up to 1.1e-6 for ``"qr"``, 5e-6 for ``"polar"`` and
+    ``"newton"``, against 1e-6 for any small step). Steps below the limit are retracted as they are; in ordinary
+    training every step is (RiemannianAdam moves each matrix by about ``lr`` in
+    Frobenius norm). ``"cayley"`` shortens steps with
+    :math:`\|\bar u\|_F > 3` the same way (a turn of at most :math:`2\operatorname{atan}(1.5)`,
+    113°); with a fixed ``iterations`` it takes any step as it is.
 
     Args:
         retraction: one of ``"qr"``, ``"polar"``, ``"cayley"``, ``"newton"``.
@@ -107,21 +124,24 @@ class Stiefel(EmbeddedManifold):
     def project(self, x: Tensor) -> Tensor:
         return polar_svd(x)
 
-    def project_tangent(self, x: Tensor, u: Tensor) -> Tensor:
+    def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
         if _is_wide(x):
-            return self.project_tangent(x.mT, u.mT).mT
-        return u - x @ sym(x.mT @ u)
+            return self.project_tangent(x.mT, u.mT, out=None if out is None else out.mT).mT
+        return subtract_product(u, x, sym(x.mT @ u), out=out)
 
-    def retract(self, x: Tensor, u: Tensor, t: float = 1.0) -> Tensor:
+    def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         if _is_wide(x):
-            return self.retract(x.mT, u.mT, t).mT
-        if self.retraction == "qr":
-            return qr_positive(torch.add(x, u, alpha=t))
-        if self.retraction == "polar":
-            return polar_eigh(torch.add(x, u, alpha=t))
+            return self.retract(x.mT, u.mT, t, workspace=workspace).mT
         if self.retraction == "cayley":
-            return _cayley(x, t * u, self.iterations)
-        return _newton_polar(torch.add(x, u, alpha=t), self.iterations)
+            return _cayley(x, u if _is_one(t) else u * t, self.iterations)
+        work = workspace if workspace is not None else Workspace()
+        w = add_step(x, u, t, out=work.like("stiefel_step", x))
+        w, gram = limit_step(x, w, w.mT @ w)
+        if self.retraction == "qr":
+            return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x))
+        if self.retraction == "polar":
+            return polar_from_gram(w, gram)
+        return _newton_polar(w, gram, self.iterations)
 
     def exp(self, x: Tensor, u: Tensor) -> Tensor:
         r"""Exponential map of the Euclidean metric (Edelman, Arias, Smith 1998, eq. 2.45).
@@ -174,31 +194,98 @@ def _is_wide(x: Tensor) -> bool:
     return x.shape[-2] < x.shape[-1]
 
 
-def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
-    """Cayley retraction of tall ``x`` along ``u`` (already scaled by the step size).
+def _is_one(t: StepSize) -> bool:
+    return not isinstance(t, Tensor) and t == 1.0
 
-    Points whose contraction bound ``q`` is too large for the fixed-point iteration take the
-    exact solve; the choice is made per point, so a batch gives the results of its items.
+
+def subtract_product(u: Tensor, x: Tensor, s: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``u - x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``)."""
+    if x.dim() == 2:
+        return torch.addmm(u, x, s, alpha=-1, out=out)
+    if x.dim() == 3:
+        return torch.baddbmm(u, x, s, alpha=-1, out=out)
+    return into(out, u - x @ s)
+
+
+def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Shorten the steps with :math:`\|u^\top u\|_F > 9` (``MAX_STEP = 3``), without a host read.
+
+    ``w = x + u`` for a tangent ``u`` has the Gram matrix :math:`I + u^\top u`, so
+    ``gram - I`` measures the step. A point whose step is too long is replaced by
+    :math:`x + s u`, :math:`s = 3/\|u^\top u\|_F^{1/2}`, whose Gram matrix
+    :math:`(1 - s^2) I + s^2\,\text{gram}` needs no new product. ``w`` is updated in place
+    (a no-op for the others: ``lerp`` with weight 1 returns its end exactly).
+
+    Shapes: ``x, w (..., n, p)`` tall, ``gram (..., p, p)`` -> the same.
+    """
+    eye = identity_like(gram)
+    excess = gram - eye
+    shrink2 = (MAX_STEP**2 / torch.linalg.matrix_norm(excess)).clamp(max=1.0)  # NaN stays NaN
+    gram = torch.where((shrink2 < 1)[..., None, None], eye + shrink2[..., None, None] * excess, gram)
+    return torch.lerp(x, w, shrink2.sqrt()[..., None, None], out=w), gram
+
+
+def newton_default_iterations(dtype: torch.dtype) -> int:
+    r"""Newton–Schulz steps that converge for every step :func:`limit_step` lets through.
+
+    After the limit, :math:`\delta = \|W^\top W - I\|_F \le 9`: unscaled (``delta <= 0.9``)
+    the eigenvalues of the Gram matrix lie in ``[1 - delta, 1 + delta]``, scaled by
+    ``1 / (1 + delta)`` in ``[1/10, 1]``.
+    """
+    tolerance = 8 * torch.finfo(dtype).eps
+    low = 1.0 / (1.0 + MAX_STEP**2)
+    return max(
+        newton_iterations_needed(1 - _NEWTON_SCALE_ABOVE, 1 + _NEWTON_SCALE_ABOVE, tolerance),
+        newton_iterations_needed(low, 1.0, tolerance),
+    )
+
+
+def _newton_polar(w: Tensor, gram: Tensor, iterations: int | None) -> Tensor:
+    r"""Polar factor of tall ``w`` with Gram matrix ``gram``, by Newton–Schulz (matmuls only).
+
+    With :math:`\delta = \|S - I\|_F` (``S = gram``), a point with :math:`\delta > 0.9` is
+    scaled by :math:`(1 + \delta)^{-1/2}`, which puts the eigenvalues of its Gram matrix in
+    :math:`[1/(1+\delta), 1]`. When ``w`` is tall enough (``3p <= 2n``) the iteration runs
+    on the ``p x p`` Gram matrix (:func:`~manifold_opt.manifolds.linalg.inverse_sqrt_newton`,
+    three ``p x p`` products a step) followed by one product with ``w``; otherwise on ``w``
+    itself, the first step reusing ``S``.
+    """
+    if iterations is None:
+        iterations = newton_default_iterations(w.dtype)
+    eye = identity_like(gram)
+    delta = torch.linalg.matrix_norm(gram - eye)
+    scale = torch.where(delta > _NEWTON_SCALE_ABOVE, 1 + delta, torch.ones_like(delta))[..., None, None]
+    n, p = w.shape[-2:]
+    if 3 * p <= 2 * n:
+        return w @ (inverse_sqrt_newton(gram / scale, iterations) * scale.rsqrt())
+    y = w * scale.rsqrt()
+    y = y @ (1.5 * eye - (0.5 / scale) * gram)  # the first Newton–Schulz step, reusing S
+    return newton_schulz(y, iterations - 1)
+
+
+def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
+    r"""Cayley retraction of tall ``x`` along ``u`` (already scaled by the step size).
+
+    ``iterations=None``: the exact transform, of the step shortened to
+    :math:`\|\bar u\|_F \le 3` (the solve loses accuracy as :math:`\|\bar u\|` grows). A fixed
+    count runs the fixed-point iteration,
+    which contracts by ``q = ||u_bar||_F``; points with ``q >= 1``, where it would diverge,
+    take the exact solve (one host read decides whether any does).
     """
     u_bar = u - 0.5 * x @ (x.mT @ u)
+    if iterations is None:
+        shrink = (MAX_STEP / torch.linalg.matrix_norm(u_bar)).clamp(max=1.0)  # NaN stays NaN
+        return _cayley_exact(x, u_bar * shrink[..., None, None])
 
     def apply_a(z: Tensor) -> Tensor:  # A z with A = u_bar x^T - x u_bar^T, never formed
         return u_bar @ (x.mT @ z) - x @ (u_bar.mT @ z)
 
-    q = torch.linalg.matrix_norm(u_bar)
-    exact = ~(q < (1.0 if iterations is not None else _CAYLEY_EXACT_ABOVE))  # also catches NaN
-    if bool(exact.all()):
-        return _cayley_exact(x, u_bar)
-    if iterations is None:
-        q_max = float(torch.where(exact, 0.0, q).max()) if q.numel() else 0.0
-        tolerance = torch.finfo(x.dtype).eps
-        # the first iterate X + u is within O(q^2) of the fixed point; each step gains a factor q
-        iterations = 1 if q_max == 0.0 else max(1, math.ceil(math.log(tolerance) / math.log(q_max)) - 2)
+    diverges = ~(torch.linalg.matrix_norm(u_bar) < 1.0)  # also catches NaN
     y = x + apply_a(x)
     for _ in range(iterations):
         y = x + 0.5 * apply_a(x + y)
-    if bool(exact.any()):
-        y = torch.where(exact[..., None, None], _cayley_exact(x, u_bar), y)
+    if bool(diverges.any()):
+        y = torch.where(diverges[..., None, None], _cayley_exact(x, u_bar), y)
     return y
 
 
@@ -220,33 +307,3 @@ def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
     small = right.mT @ left
     system = identity_like(small) - 0.5 * small
     return z + 0.5 * left @ torch.linalg.solve(system, right.mT @ z)
-
-
-def _newton_polar(a: Tensor, iterations: int | None) -> Tensor:
-    r"""Polar factor of tall ``a = X + u`` by :func:`newton_schulz`.
-
-    With :math:`S = A^\top A` and :math:`\delta = \|S - I\|_F`, the eigenvalues of ``S``
-    lie in :math:`[1 - \delta, 1 + \delta]` (Weyl). A point with
-    :math:`\delta > 0.9` is scaled by :math:`(1 + \delta)^{-1/2}`, which puts them in
-    :math:`[1/(1+\delta), 1]` for ``X`` on the manifold and ``u`` tangent. With
-    ``iterations=None`` the count comes from the worst interval over the batch
-    (:func:`newton_iterations_needed`). ``S`` also serves the first iteration.
-    """
-    s = a.mT @ a
-    eye = identity_like(s)
-    delta = torch.linalg.matrix_norm(s - eye)
-    scale = torch.where(delta > _NEWTON_SCALE_ABOVE, 1 + delta, torch.ones_like(delta))[..., None, None]
-    if iterations is None:
-        worst = float(delta.max()) if delta.numel() else 0.0
-        if not math.isfinite(worst):
-            return polar_svd(a)
-        if worst <= _NEWTON_SCALE_ABOVE:
-            low, high = 1 - worst, 1 + worst
-        else:  # a mix of unscaled points and points scaled into [1 / (1 + worst), 1]
-            low, high = min(1 - _NEWTON_SCALE_ABOVE, 1 / (1 + worst)), 1 + _NEWTON_SCALE_ABOVE
-        iterations = newton_iterations_needed(max(low, 1e-12), high, 8 * torch.finfo(a.dtype).eps)
-    y = a * scale.rsqrt()
-    if iterations == 0:
-        return y
-    y = y @ (1.5 * eye - (0.5 / scale) * s)  # the first Newton–Schulz step, reusing S
-    return newton_schulz(y, iterations - 1)

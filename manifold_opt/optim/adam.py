@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
 
-from ..manifolds import Manifold
-from .base import Bucket, BucketedOptimizer, check_nonnegative
+from ..manifolds import Euclidean, Manifold
+from ..manifolds.base import Workspace
+from .base import Bucket, BucketedOptimizer, BucketUpdate, all_finite, check_nonnegative
 from .functional import adam_update
+from .plain import check_implementation_options, plain_implementation
+
+FUSED_KERNEL = "_fused_adam_"
 
 
 class RiemannianAdam(BucketedOptimizer):
@@ -60,7 +66,11 @@ class RiemannianAdam(BucketedOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
@@ -71,51 +81,105 @@ class RiemannianAdam(BucketedOptimizer):
             check_nonnegative(f"betas[{index}]", beta)
             if beta >= 1:
                 raise ValueError(f"betas[{index}] must be in [0, 1), got {beta!r}")
+        check_implementation_options(foreach, fused, capturable=capturable, differentiable=differentiable)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=False,
+            differentiable=False,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _bucket_key(self, state: dict[str, Any]) -> Hashable:
-        return float(state["step"])
-
     def _init_state(self, group: dict[str, Any], param: Tensor, manifold: Manifold, dtype: torch.dtype) -> None:
         state = self.state[param]
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        plain = isinstance(manifold, Euclidean)
+        # torch keeps step counts on the host for its foreach/single kernels, on the device otherwise
+        on_host = plain and plain_implementation(group, [param], FUSED_KERNEL) != "fused"
+        state["step"] = torch.zeros((), dtype=torch.float32, device="cpu" if on_host else param.device)
         state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        second_moment_shape = manifold.batch_shape(param.shape)
+        second_moment_shape = param.shape if plain else manifold.batch_shape(param.shape)
         state["exp_avg_sq"] = torch.zeros(second_moment_shape, dtype=dtype, device=param.device)
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros(second_moment_shape, dtype=dtype, device=param.device)
 
-    def _step_bucket(
-        self, group: dict[str, Any], bucket: Bucket
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
         beta1, beta2 = group["betas"]
-        amsgrad = group["amsgrad"]
-        exp_avg_sq = bucket.stack_second_moment("exp_avg_sq")
-        max_exp_avg_sq = bucket.stack_second_moment("max_exp_avg_sq") if amsgrad else None
-        new_x, exp_avg = adam_update(
+        steps = [state["step"] for state in bucket.states]
+        step = _points_steps(bucket, steps) + 1
+        update = adam_update(
             bucket.manifold,
             bucket.x,
             bucket.grad,
-            bucket.stack_state("exp_avg"),
-            exp_avg_sq,
-            max_exp_avg_sq,
-            step=float(bucket.states[0]["step"]) + 1,
+            bucket.state("exp_avg"),
+            bucket.state("exp_avg_sq", per_point=True),
+            bucket.state("max_exp_avg_sq", per_point=True) if group["amsgrad"] else None,
+            step=step,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
-            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            workspace=workspace,
+        )
+        per_point = {"exp_avg_sq": update.exp_avg_sq}
+        if update.max_exp_avg_sq is not None:
+            per_point["max_exp_avg_sq"] = update.max_exp_avg_sq
+        ok = all_finite(update.x, update.momentum, update.exp_avg_sq)
+        return BucketUpdate(update.x, {"exp_avg": update.momentum}, per_point, ok)
+
+    def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:
+        steps = [state["step"] for state in bucket.states]
+        torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))
+
+    # ------------------------------------------------------------ plain tensors
+    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        return plain_implementation(group, params, FUSED_KERNEL) == "fused"
+
+    def _plain_needs_check(self, group: dict[str, Any]) -> bool:
+        return group["eps"] == 0  # 0/0 for a zero gradient: torch writes NaN
+
+    def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
+        """``torch.optim.adam.adam`` (the functional form of ``torch.optim.Adam``) on plain tensors."""
+        implementation = plain_implementation(group, params, FUSED_KERNEL)
+        states = [self.state[p] for p in params]
+        device = "cpu" if implementation != "fused" else params[0].device
+        for state in states:  # a checkpoint from another implementation keeps its steps elsewhere
+            if state["step"].device != torch.device(device):
+                state["step"] = state["step"].to(device)
+        beta1, beta2 = group["betas"]
+        torch_adam(
+            params,
+            [p.grad for p in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+            [state["step"] for state in states],
+            foreach=implementation == "foreach",
+            fused=implementation == "fused",
+            found_inf=found_inf if implementation == "fused" else None,
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
             maximize=group["maximize"],
         )
-        per_point = {"exp_avg_sq": exp_avg_sq}
-        if max_exp_avg_sq is not None:
-            per_point["max_exp_avg_sq"] = max_exp_avg_sq
-        return new_x, {"exp_avg": exp_avg}, per_point
 
-    def _bucket_stepped(self, bucket: Bucket) -> None:
-        for state in bucket.states:
-            state["step"] += 1
+
+def _points_steps(bucket: Bucket, steps: list[Tensor]) -> Tensor:
+    """The step count of every point of a bucket, ``(num_points, 1, ..., 1)``."""
+    trailing = (1,) * bucket.manifold.point_ndim
+    if len(steps) == 1:
+        return steps[0].to(bucket.dtype).reshape(1, *trailing)
+    counts = [math.prod(bucket.manifold.batch_shape(p.shape)) for p in bucket.params]
+    per_param = torch.stack(steps).to(bucket.dtype)
+    repeated = per_param.repeat_interleave(torch.tensor(counts, device=per_param.device), output_size=sum(counts))
+    return repeated.reshape(-1, *trailing)

@@ -1,25 +1,33 @@
 """The batched optimizer path shared by every optimizer of the package.
 
-Each step, the parameters of a param group that have gradients are grouped into
-buckets by (manifold, point shape, dtype, device, and a per-optimizer state key such as
-Adam's step count). Each bucket is stacked into one ``(num_points, *point_shape)``
-tensor, stepped by one call of a pure update function that uses only manifold methods,
-and written back. Per-parameter state lives in ``self.state[p]`` in the parameter
-layout, so checkpoints are those of ``torch.optim``.
+Each step, the parameters of a param group that have gradients are grouped into buckets
+by (manifold, point shape, geometry dtype, device, and a per-optimizer key such as "has a
+momentum buffer"). A bucket of plain (Euclidean) tensors is stepped by ``torch.optim``'s
+own functional kernels (fused by default), so it gets their numbers bit for bit. Every
+other bucket is viewed (one parameter) or stacked (several) as one
+``(num_points, *point_shape)`` tensor, stepped by one call of a pure update function into
+scratch buffers, and written back. Per-parameter state lives in ``self.state[p]`` in the
+parameter layout, so checkpoints are those of ``torch.optim``.
+
+Nothing derived from a parameter, a gradient or the state is read on the host during a
+step: a bucket's validity is a device flag, and writing back keeps the old values where
+the flag is false (``torch.where``), as GradScaler's found-inf mechanism does.
+``nonfinite="raise"`` reads the flags once, after every bucket is computed and before
+anything is written, so a step that raises changes nothing.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
+from ..manifolds.base import Workspace
 from .functional import keep_on_manifold
 
 EUCLIDEAN = Euclidean()
@@ -48,98 +56,148 @@ def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class Bucket:
-    """Parameters stepped together, stacked in the points layout.
+    """Parameters stepped together, in the points layout.
 
-    ``x`` and ``grad`` are ``(num_points, *point_shape)`` tensors in the geometry dtype.
-    Stacking flattens each tensor and concatenates, so a bucket costs a few tensor
-    operations per parameter whatever its manifold.
+    ``x`` and ``grad`` are ``(num_points, *point_shape)`` tensors in the geometry dtype:
+    views of the parameter and its gradient when the bucket holds one contiguous
+    parameter of that dtype (nothing is copied), else stacked copies (one ``cat`` each).
     """
 
     manifold: Manifold
     point_shape: tuple[int, ...]
+    dtype: torch.dtype
     params: list[Tensor]
     states: list[dict[str, Any]]
-    x: Tensor
-    grad: Tensor
+    x: Tensor = field(init=False)
+    grad: Tensor = field(init=False)
+    _x_is_view: bool = field(init=False)
+    _old: dict[str, tuple[Tensor, bool]] = field(init=False, default_factory=dict)
 
-    @classmethod
-    def gather(
-        cls,
-        manifold: Manifold,
-        point_shape: tuple[int, ...],
-        dtype: torch.dtype,
-        params: list[Tensor],
-        states: list[dict[str, Any]],
-    ) -> Bucket:
-        return cls(
-            manifold=manifold,
-            point_shape=point_shape,
-            params=params,
-            states=states,
-            x=_stack([p.detach() for p in params], point_shape, dtype),
-            grad=_stack([p.grad for p in params], point_shape, dtype),
-        )
+    def __post_init__(self) -> None:
+        self.x, self._x_is_view = self._points([p.detach() for p in self.params], per_point=False)
+        self.grad, _ = self._points([p.grad for p in self.params], per_point=False)
 
-    def stack_state(self, name: str) -> Tensor:
-        """Stack a tangent-vector state (parameter layout) into the points layout."""
-        return _stack([state[name] for state in self.states], self.point_shape, self.x.dtype)
+    def _points(self, tensors: list[Tensor], per_point: bool) -> tuple[Tensor, bool]:
+        shape = (1,) * self.manifold.point_ndim if per_point else self.point_shape
+        if len(tensors) == 1:
+            tensor = tensors[0]
+            if tensor.dtype == self.dtype and tensor.is_contiguous():
+                return tensor.view(-1, *shape), True
+            return tensor.to(self.dtype).reshape(-1, *shape), False
+        return torch.cat([t.reshape(-1) for t in tensors]).to(self.dtype).view(-1, *shape), False
 
-    def stack_second_moment(self, name: str) -> Tensor:
-        """Stack a one-scalar-per-point state into ``(num_points, 1, ..., 1)``."""
-        return _stack([state[name] for state in self.states], (1,) * self.manifold.point_ndim, self.x.dtype)
+    def state(self, name: str, per_point: bool = False) -> Tensor | None:
+        """A state of every parameter in the points layout (``(num_points, 1, ..., 1)`` for a
+        one-scalar-per-point state), or None before it exists."""
+        values = [state.get(name) for state in self.states]
+        if any(value is None for value in values):
+            return None
+        self._old[name] = self._points(values, per_point)
+        return self._old[name][0]
 
-    def write_params(self, stacked: Tensor) -> None:
-        """Copy stacked points back into the parameters (cast to their dtype)."""
-        _scatter(stacked, [p.detach() for p in self.params])
+    def write_params(self, new: Tensor, ok: Tensor) -> None:
+        """Store the new points where ``ok`` (a 0-dim bool tensor); elsewhere nothing changes."""
+        _write([p.detach() for p in self.params], self.x, self._x_is_view, new, ok)
 
-    def write_state(self, name: str, stacked: Tensor, per_point: bool = False) -> None:
-        """Copy a stacked state back into each parameter's state, creating it on first use
-        in the parameter's shape (tangent vectors) or batch shape (``per_point``)."""
-        targets = []
-        for param, state in zip(self.params, self.states):
-            if name not in state:
+    def write_state(self, name: str, new: Tensor, ok: Tensor, per_point: bool = False) -> None:
+        """Store a new state where ``ok``. A state written for the first time is created
+        (zeros where not ``ok``), in the parameter's shape (or its batch shape, ``per_point``)."""
+        targets = [state.get(name) for state in self.states]
+        if any(target is None for target in targets):
+            fresh = torch.where(ok, new, torch.zeros((), dtype=new.dtype, device=new.device))
+            sizes = [self._numel(p, per_point) for p in self.params]
+            for state, param, piece in zip(self.states, self.params, torch.split(fresh.reshape(-1), sizes)):
                 shape = self.manifold.batch_shape(param.shape) if per_point else param.shape
-                state[name] = torch.empty(shape, dtype=stacked.dtype, device=stacked.device)
-            targets.append(state[name])
-        _scatter(stacked, targets)
+                state[name] = piece.reshape(shape).clone()
+            return
+        old, is_view = self._old[name] if name in self._old else self._points(targets, per_point)
+        _write(targets, old, is_view, new, ok)
+
+    def _numel(self, param: Tensor, per_point: bool) -> int:
+        return math.prod(self.manifold.batch_shape(param.shape)) if per_point else param.numel()
 
 
-def _stack(tensors: list[Tensor], point_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    return torch.cat([t.flatten() for t in tensors]).to(dtype).view(-1, *point_shape)
-
-
-def _scatter(stacked: Tensor, targets: list[Tensor]) -> None:
-    pieces = torch.split(stacked.reshape(-1), [t.numel() for t in targets])
+def _write(targets: list[Tensor], old: Tensor, old_is_view: bool, new: Tensor, ok: Tensor) -> None:
+    if old_is_view:
+        torch.where(ok, new, old, out=old)
+        return
+    torch.where(ok, new, old, out=new)
+    pieces = torch.split(new.reshape(-1), [t.numel() for t in targets])
     torch._foreach_copy_(targets, [piece.view_as(t) for piece, t in zip(pieces, targets)])
+
+
+@dataclass
+class BucketUpdate:
+    """The new values of a bucket, computed without touching the stored ones.
+
+    ``x``: new points; ``tangents``: new tangent-vector states (points layout);
+    ``per_point``: new one-scalar-per-point states (``(num_points, 1, ..., 1)``); ``ok``: a
+    0-dim bool tensor, False when anything came out non-finite (then nothing is written).
+    """
+
+    x: Tensor
+    tangents: dict[str, Tensor]
+    per_point: dict[str, Tensor]
+    ok: Tensor
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """A 0-dim bool tensor: every entry of every tensor is finite. One reduction each: a sum
+    is non-finite iff an entry is (or the sum overflows, at values near the dtype's maximum)."""
+    flags = [torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))) for t in tensors]
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+def grads_finite(grads: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: every gradient is finite and its square sums do not overflow
+    (``torch._foreach_norm``: one fused reduction over the list)."""
+    norms = torch._foreach_norm(grads)
+    return torch.isfinite(torch.stack(norms)).all() if len(norms) > 1 else torch.isfinite(norms[0])
+
+
+@dataclass
+class _Pending:
+    """A computed bucket, not yet written (``nonfinite="raise"`` writes after one check)."""
+
+    ok: Tensor
+    commit: Callable[[], None]
+    describe: Callable[[], str]
 
 
 class BucketedOptimizer(torch.optim.Optimizer):
     """Base class: ``torch.optim.Optimizer`` conventions with one batched update per bucket.
 
-    Subclasses implement :meth:`_bucket_key` (extra grouping from the state),
-    :meth:`_init_state` and :meth:`_step_bucket`.
+    Subclasses implement :meth:`_step_bucket` (a bucket of points on a manifold),
+    :meth:`_plain_step` (a bucket of plain tensors, by ``torch.optim``'s kernels), and may
+    override :meth:`_bucket_key`, :meth:`_init_state` and :meth:`_bucket_committed`.
 
     Args:
         params: tensors or param-group dicts, as for ``torch.optim``.
         defaults: default hyperparameters of a group.
         nonfinite: what a bucket with a NaN/Inf gradient, or whose update comes out
-            non-finite, does: ``"skip"`` (default: its parameters and state stay untouched
-            and a ``RuntimeWarning`` is issued) or ``"raise"`` (a ``FloatingPointError``).
-            One reduction per bucket decides, before and after the update.
+            non-finite, does: ``"skip"`` (default: its parameters and state stay untouched,
+            decided on the device, with no host synchronization; :attr:`skipped_steps`
+            counts them) or ``"raise"`` (a ``FloatingPointError`` before anything of the step
+            is written; one host read per step).
 
     Attributes:
-        skipped_steps: bucket steps skipped for a non-finite gradient.
-        reprojected_points: points re-projected by the drift check (retractions that
-            accumulate error only, see :attr:`Manifold.retraction_drifts`).
+        reprojected_points: points re-projected by the drift check (fixed iteration counts
+            only, see :attr:`Manifold.retraction_drifts`).
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], nonfinite: str = "skip") -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
         self.reprojected_points = 0
+        self._skipped: dict[torch.device, Tensor] = {}
+        self._workspace = Workspace()
         super().__init__(params, defaults)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Bucket steps skipped for a non-finite gradient or update (reading it synchronizes)."""
+        return int(sum(int(count) for count in self._skipped.values()))
 
     # ------------------------------------------------------------ subclass API
     def _manifold(self, param: Tensor) -> Manifold:
@@ -149,23 +207,32 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return manifold_of(param)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
-        """Extra bucket key from a parameter's state (e.g. Adam's step count)."""
+        """Extra bucket key from a parameter's state (e.g. whether a momentum buffer exists)."""
         return None
 
     def _init_state(self, group: dict[str, Any], param: Tensor, manifold: Manifold, dtype: torch.dtype) -> None:
         """Fill ``self.state[param]`` before its first step (``dtype`` is the geometry dtype)."""
 
-    def _step_bucket(
-        self, group: dict[str, Any], bucket: Bucket
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Step one bucket without touching the stored parameters or state: return the new
-        points, the new tangent-vector states (stacked like the points; they follow the
-        points through any re-projection) and the new one-scalar-per-point states. They are
-        written back only if the new points are finite."""
+    def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
+        """Step one bucket of manifold points without touching the stored parameters or state."""
         raise NotImplementedError
 
-    def _bucket_stepped(self, bucket: Bucket) -> None:
-        """Called after a bucket's results were written back (e.g. to advance step counts)."""
+    def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:
+        """Called after a bucket's results were written (e.g. to advance step counts where ``ok``)."""
+
+    def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
+        """Step plain tensors in place by ``torch.optim``'s kernels; with ``found_inf`` (a float
+        0-dim tensor, 1 for a non-finite gradient) the fused kernels skip on the device."""
+        raise NotImplementedError
+
+    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Whether :meth:`_plain_step` runs a fused kernel (which honours ``found_inf``)."""
+        return False
+
+    def _plain_needs_check(self, group: dict[str, Any]) -> bool:
+        """Whether a plain update can come out non-finite from finite gradients (e.g. Adam
+        with ``eps=0``), so the update must be checked after it is computed."""
+        return False
 
     # ---------------------------------------------------------------- stepping
     @torch.no_grad()
@@ -179,23 +246,21 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pending: list[_Pending] = []
         for group in self.param_groups:
-            for bucket in self._buckets(group):
-                if not self._finite_or_skip(bucket, bucket.grad, "gradient"):
-                    continue
-                new_x, tangents, per_point = self._step_bucket(group, bucket)
-                if not self._finite_or_skip(bucket, new_x, "update (finite gradient; e.g. a step that overflows)"):
-                    continue
-                self.reprojected_points += keep_on_manifold(bucket.manifold, new_x, list(tangents.values()))
-                bucket.write_params(new_x)
-                for name, stacked in tangents.items():
-                    bucket.write_state(name, stacked)
-                for name, stacked in per_point.items():
-                    bucket.write_state(name, stacked, per_point=True)
-                self._bucket_stepped(bucket)
+            for key, params in self._group_buckets(group).items():
+                manifold, point_shape, dtype, _, _ = key
+                if isinstance(manifold, Euclidean):
+                    pending.append(self._plain_bucket(group, params, dtype))
+                else:
+                    pending.append(self._manifold_bucket(group, manifold, point_shape, dtype, params))
+                if self.nonfinite == "skip":
+                    pending.pop().commit()
+        if pending:
+            self._raise_or_commit(pending)
         return loss
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+    def _group_buckets(self, group: dict[str, Any]) -> dict[Hashable, list[Tensor]]:
         grouped: dict[Hashable, list[Tensor]] = {}
         for param in group["params"]:
             if param.grad is None:
@@ -214,29 +279,66 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 self._init_state(group, param, manifold, dtype)
             key = (manifold, manifold.point_shape(param.shape), dtype, param.device, self._bucket_key(state))
             grouped.setdefault(key, []).append(param)
-        return [
-            Bucket.gather(manifold, point_shape, dtype, params, [self.state[p] for p in params])
-            for (manifold, point_shape, dtype, _, _), params in grouped.items()
-        ]
+        return grouped
 
-    def _finite_or_skip(self, bucket: Bucket, tensor: Tensor, what: str) -> bool:
-        """True if ``tensor`` is finite; otherwise apply the ``nonfinite`` policy (warn and
-        skip the bucket, or raise) and return False."""
-        # A sum is non-finite iff an entry is (or the sum overflows, at values near the
-        # dtype's maximum); it is far cheaper than isfinite().all() on CPU.
-        total = tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
-        if math.isfinite(float(total)):
-            return True
-        shapes = ", ".join(f"{tuple(p.shape)}" for p in bucket.params)
-        message = (
-            f"non-finite {what} in a bucket of {len(bucket.params)} parameter(s) on {bucket.manifold!r} "
-            f"(shapes {shapes})"
-        )
-        if self.nonfinite == "raise":
-            raise FloatingPointError(message + "; pass nonfinite='skip' to skip such steps instead")
-        self.skipped_steps += 1
-        warnings.warn(message + ": step skipped, parameters and state unchanged", RuntimeWarning, stacklevel=3)
-        return False
+    def _manifold_bucket(
+        self, group: dict[str, Any], manifold: Manifold, point_shape: tuple[int, ...], dtype: torch.dtype, params
+    ) -> _Pending:
+        bucket = Bucket(manifold, point_shape, dtype, params, [self.state[p] for p in params])
+        # one shared workspace when each bucket is written before the next is computed
+        shared = self.nonfinite == "skip" and not torch.compiler.is_compiling()
+        update = self._step_bucket(group, bucket, self._workspace if shared else Workspace())
+
+        def commit() -> None:
+            if manifold.retraction_drifts:
+                self.reprojected_points += keep_on_manifold(manifold, update.x, list(update.tangents.values()))
+            bucket.write_params(update.x, update.ok)
+            for name, value in update.tangents.items():
+                bucket.write_state(name, value, update.ok)
+            for name, value in update.per_point.items():
+                bucket.write_state(name, value, update.ok, per_point=True)
+            self._bucket_committed(bucket, update.ok)
+            self._count_skip(~update.ok)
+
+        return _Pending(update.ok, commit, lambda: _describe("gradient or update", manifold, params))
+
+    def _plain_bucket(self, group: dict[str, Any], params: list[Tensor], dtype: torch.dtype) -> _Pending:
+        ok = grads_finite([p.grad for p in params])
+        fused = self._plain_is_fused(group, params)
+        check_after = self._plain_needs_check(group)
+
+        def commit() -> None:
+            if self.nonfinite == "raise" or (fused and not check_after):
+                # raise: every gradient is finite by now; fused: the kernel skips on found_inf
+                self._plain_step(group, params, None if self.nonfinite == "raise" else (~ok).to(torch.float32))
+                if self.nonfinite == "skip":
+                    self._count_skip(~ok)
+                return
+            keep = _snapshot(params, [self.state[p] for p in params])
+            self._plain_step(group, params, None)
+            valid = ok & all_finite(*[p.detach() for p in params]) if check_after else ok
+            keep.restore(valid)
+            self._count_skip(~valid)
+
+        return _Pending(ok, commit, lambda: _describe("gradient", EUCLIDEAN, params))
+
+    def _raise_or_commit(self, pending: list[_Pending]) -> None:
+        flags = torch.stack([p.ok.to("cpu", non_blocking=False) for p in pending])
+        if not bool(flags.all()):
+            bad = next(p for p, flag in zip(pending, flags.tolist()) if not flag)
+            raise FloatingPointError(
+                f"non-finite {bad.describe()}; nothing of this step was written. Pass nonfinite='skip' to skip "
+                "such buckets instead"
+            )
+        for item in pending:
+            item.commit()
+
+    def _count_skip(self, skipped: Tensor) -> None:
+        device = skipped.device
+        count = self._skipped.get(device)
+        if count is None:
+            count = self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
+        count.add_(skipped.to(torch.int64))
 
     # ----------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -250,6 +352,35 @@ class BucketedOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(index, {}).items():
                 if isinstance(value, Tensor) and key != "step" and value.dtype != param.dtype:
                     self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+def _describe(what: str, manifold: Manifold, params: list[Tensor]) -> str:
+    shapes = ", ".join(f"{tuple(p.shape)}" for p in params)
+    return f"{what} in a bucket of {len(params)} parameter(s) on {manifold!r} (shapes {shapes})"
+
+
+class _snapshot:  # noqa: N801 - used like a function
+    """Copies of plain parameters and their state tensors, restored where a flag is false
+    (for ``torch.optim`` kernels that cannot skip on the device themselves)."""
+
+    def __init__(self, params: list[Tensor], states: list[dict[str, Any]]) -> None:
+        self.params, self.states = params, states
+        self.keys = [set(state) for state in states]
+        self.copies = [p.detach().clone() for p in params]
+        self.state_copies = [{k: v.clone() for k, v in state.items() if isinstance(v, Tensor)} for state in states]
+
+    def restore(self, ok: Tensor) -> None:
+        for param, copy in zip(self.params, self.copies):
+            torch.where(ok, param.detach(), copy, out=param.detach())
+        for state, keys, copies in zip(self.states, self.keys, self.state_copies):
+            for key, value in state.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key in copies:
+                    old = copies[key]
+                    torch.where(ok.to(value.device), value, old, out=value)
+                elif key not in keys:  # created by this step (e.g. SGD's first momentum buffer)
+                    torch.where(ok.to(value.device), value, torch.zeros((), dtype=value.dtype), out=value)
 
 
 def check_nonnegative(name: str, value: float) -> None:

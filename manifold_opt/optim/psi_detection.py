@@ -25,7 +25,8 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from ..manifolds.psi import PSI, unit_and_norm
+from ..manifolds.linalg import unit_and_norm
+from ..manifolds.psi import PSI
 from ..parameter import ManifoldParameter
 
 # ------------------------------------------------------------------ gradient test

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..manifolds import Manifold
+from ..manifolds.base import Workspace
 from ..manifolds.psi import PSI
-from .base import EUCLIDEAN, Bucket, check_nonnegative, manifold_of
+from .base import EUCLIDEAN, Bucket, BucketUpdate, check_nonnegative, manifold_of
 from .psi_detection import gather_statistics
 from .sgd import RiemannianSGD
 
@@ -150,25 +151,23 @@ class PSISGD(RiemannianSGD):
             return manifold_of(param)
         return PSI_ROWS if self.state[param].get("psi_verdict") == PSI_VERDICT else EUCLIDEAN
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+    def _group_buckets(self, group: dict[str, Any]) -> dict[Hashable, list[Tensor]]:
         self._classify(group)
-        return super()._buckets(group)
+        return super()._group_buckets(group)
 
-    def _step_bucket(
-        self, group: dict[str, Any], bucket: Bucket
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
         if not isinstance(bucket.manifold, PSI):
-            return super()._step_bucket(group, bucket)
+            return super()._step_bucket(group, bucket, workspace)
         decay = group["invariant_weight_decay"]
         if not isinstance(decay, (int, float)) or not 0 <= decay * group["lr"] < 1:
             raise ValueError(
                 f"invariant_weight_decay * lr must be in [0, 1) (a shrink factor 1 - lr * decay > 0), got "
                 f"invariant_weight_decay={decay!r}, lr={group['lr']!r}"
             )
-        new_x, tangents, per_point = super()._step_bucket({**group, "weight_decay": 0.0}, bucket)
+        update = super()._step_bucket({**group, "weight_decay": 0.0}, bucket, workspace)
         if decay:
-            new_x.mul_(1 - group["lr"] * decay)
-        return new_x, tangents, per_point
+            update.x.mul_(1 - group["lr"] * decay)
+        return update
 
     # ------------------------------------------------------------ detection
     # The state holds numbers only (torch's load_state_dict mangles strings): "psi_verdict"

@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as torch_sgd
 
-from .base import Bucket, BucketedOptimizer, check_nonnegative
+from ..manifolds.base import Workspace
+from .base import Bucket, BucketedOptimizer, BucketUpdate, all_finite, check_nonnegative
 from .functional import sgd_update
+from .plain import check_implementation_options, plain_implementation
+
+FUSED_KERNEL = "_fused_sgd_"
 
 
 class RiemannianSGD(BucketedOptimizer):
@@ -19,13 +25,17 @@ class RiemannianSGD(BucketedOptimizer):
         input: lr η, momentum μ, dampening δ, weight decay λ, nesterov, maximize
         for each parameter x with gradient g (stacked per bucket):
             r ← grad f(x) of (±g + λx)                   Riemannian gradient
-            m ← r at the first step, else μ m + (1 − δ) r
+            m ← r at the first step, else μ T(m) + (1 − δ) r     T: transport to x
             d ← r + μ m if nesterov else m                (d = r without momentum)
-            x ← R_x(−η d);  m ← T_{x→x_new}(m)           retraction, transport
+            x ← R_x(−η d)                                 retraction
 
-    Plain tensors are Euclidean, where this is exactly ``torch.optim.SGD``. Parameters
+    Plain tensors are Euclidean, stepped by ``torch.optim.SGD``'s own kernels (bit for
+    bit with ``torch.optim.SGD`` given the same ``foreach``/``fused``). Other parameters
     are stepped in buckets of equal (manifold, point shape, dtype, device) with one
-    batched call each; ``p.grad`` is never modified.
+    batched call each. When the transport is the tangent projection (every manifold of
+    this package), ``μ T(m) + (1 − δ) r`` is one projection ``P_x(μ m + (1 − δ) g)``: the
+    momentum is stored where it was formed and projected at the next step. ``p.grad`` is
+    never modified.
 
     Args:
         params: iterable of tensors or of param-group dicts.
@@ -35,6 +45,10 @@ class RiemannianSGD(BucketedOptimizer):
         weight_decay: L2 penalty λ (default 0).
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
         maximize: maximize the objective instead of minimizing it.
+        foreach, fused: torch.optim's implementation options, for plain tensors (see
+            :mod:`manifold_opt.optim.plain`): ``None`` (default) uses torch's fused kernel
+            where it exists, else its ``foreach`` one.
+        differentiable: accepted for torch.optim's signature; only ``False``.
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see
             :class:`~manifold_opt.optim.base.BucketedOptimizer`).
 
@@ -58,10 +72,14 @@ class RiemannianSGD(BucketedOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             check_nonnegative(name, value)
+        check_implementation_options(foreach, fused, differentiable=differentiable)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 "nesterov=True needs momentum > 0 and dampening = 0, "
@@ -74,26 +92,62 @@ class RiemannianSGD(BucketedOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=False,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         return "momentum_buffer" in state
 
-    def _step_bucket(
-        self, group: dict[str, Any], bucket: Bucket
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        has_buffer = "momentum_buffer" in bucket.states[0]
-        new_x, buffer = sgd_update(
+    def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
+        update = sgd_update(
             bucket.manifold,
             bucket.x,
             bucket.grad,
-            bucket.stack_state("momentum_buffer") if has_buffer else None,
+            bucket.state("momentum_buffer"),
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            workspace=workspace,
         )
-        return new_x, ({} if buffer is None else {"momentum_buffer": buffer}), {}
+        tangents = {} if update.momentum is None else {"momentum_buffer": update.momentum}
+        return BucketUpdate(update.x, tangents, {}, all_finite(update.x, *tangents.values()))
+
+    # ------------------------------------------------------------ plain tensors
+    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        first = group["momentum"] != 0 and "momentum_buffer" not in self.state[params[0]]
+        # a skipped first step with dampening would leave the fused kernel's buffers unset
+        return plain_implementation(group, params, FUSED_KERNEL) == "fused" and not (first and group["dampening"])
+
+    def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
+        """``torch.optim.sgd.sgd`` (the functional form of ``torch.optim.SGD``) on plain tensors."""
+        implementation = plain_implementation(group, params, FUSED_KERNEL)
+        states = [self.state[p] for p in params]
+        buffers = [state.get("momentum_buffer") for state in states]
+        first = all(b is None for b in buffers)
+        if implementation == "fused" and group["momentum"] != 0 and group["dampening"] == 0 and first:
+            # zero buffers make the fused kernel's general step equal its first one
+            # (0 * momentum + grad), and leave nothing uninitialized if the step is skipped
+            buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        torch_sgd(
+            params,
+            [p.grad for p in params],
+            buffers,
+            foreach=implementation == "foreach",
+            fused=implementation == "fused",
+            found_inf=found_inf if implementation == "fused" else None,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if group["momentum"] != 0:
+            for state, buffer in zip(states, buffers):
+                state["momentum_buffer"] = buffer

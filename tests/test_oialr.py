@@ -98,7 +98,9 @@ def assert_optimizer_consistent(model: nn.Module, optimizer: torch.optim.Optimiz
     assert set(map(id, optimizer.state)) <= model_params(model)
     for param, state in optimizer.state.items():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if key.endswith("_xtm"):  # Stiefel's tracked X^T m: one p x p matrix (short side)
+                assert value.shape == (min(param.shape),) * 2, (key, value.shape, param.shape)
+            elif isinstance(value, torch.Tensor) and value.dim() > 0:
                 assert value.shape == param.shape, (key, value.shape, param.shape)
 
 

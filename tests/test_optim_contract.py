@@ -305,6 +305,8 @@ def test_nonfinite_gradient_never_reaches_parameters_or_state(policy: str) -> No
     state_after = opt.state_dict()["state"]
     index = [id(p) for p in model.parameters()].index(id(model.tall))
     for key, value in state_before["state"][index].items():
+        if key.endswith("_xtm_age"):  # a host-side schedule: it counts steps, skipped or not
+            continue
         torch.testing.assert_close(state_after[index][key], value, rtol=0, atol=0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

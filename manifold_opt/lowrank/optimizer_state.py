@@ -15,7 +15,10 @@ for :math:`W = U\Sigma V^\top`), so each state tensor is mapped according to its
   second moment is not rotation equivariant].
 * ``"reset"``: zeros of the new shape.
 
-Scalars (step counts) and ``None`` entries are kept. A state tensor of any other shape, or of
+Scalars (step counts) and ``None`` entries are kept. A manifold's tracking state (keys
+ending in ``_xtm``, e.g. Stiefel's :math:`X^\top m`; see
+:meth:`~manifold_opt.manifolds.Manifold.momentum_step`) is dropped: the optimizer rebuilds it
+from the data at the next step. A state tensor of any other shape, or of
 the parameter's shape under an unknown key, raises a ``ValueError`` rather than being
 guessed at.
 """
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..optim.base import TRACKING, TRACKING_AGE
 
 STATE_KINDS = ("linear", "quadratic", "reset")
 
@@ -74,6 +79,12 @@ def change_basis(value: Tensor, left: Tensor | None, right: Tensor | None, kind:
     return x.to(value.dtype).contiguous()
 
 
+def without_tracking(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` without the manifold tracking states (and their ages), which a change of basis
+    invalidates and the optimizer rebuilds."""
+    return {k: v for k, v in state.items() if not (k.endswith(TRACKING) or k.endswith(TRACKING_AGE))}
+
+
 def _find(optimizer: torch.optim.Optimizer, param: Tensor) -> tuple[dict[str, Any], int] | None:
     for group in optimizer.param_groups:
         for index, p in enumerate(group["params"]):
@@ -111,7 +122,7 @@ def transform_state(
             or a non-scalar tensor of another shape.
     """
     new_state: dict[str, Any] = {}
-    for key, value in state.items():
+    for key, value in without_tracking(state).items():
         if not isinstance(value, Tensor) or value.dim() == 0:
             new_state[key] = value
             continue
@@ -136,7 +147,7 @@ def slice_state(state: Mapping[str, Any], *, old_shape: tuple[int, ...], rows: i
     """A new state dict with every parameter-shaped tensor cut to its top-left ``rows × cols`` block
     (the official OIALR code's treatment of the optimizer state at a rank cut)."""
     new_state: dict[str, Any] = {}
-    for key, value in state.items():
+    for key, value in without_tracking(state).items():
         if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) == tuple(old_shape):
             value = value.reshape(value.shape[0], -1)[:rows, :cols].contiguous()
         new_state[key] = value

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,17 @@ from torch import Tensor
 # A step size: one number, or one per point (a tensor that broadcasts against the points,
 # e.g. ``(num_points, 1, 1)`` for matrices), as Adam's per-point step sizes are.
 StepSize = float | Tensor
+
+
+@dataclass
+class MomentumStep:
+    """The result of :meth:`Manifold.momentum_step`."""
+
+    x: Tensor
+    momentum: Tensor
+    grad_norm_sq: Tensor | None
+    tracking: Tensor | None
+    tracking_used: Tensor | None = None  # the tracking state the step started from
 
 
 class Workspace:
@@ -220,6 +231,53 @@ class Manifold(ABC):
         a rescaled ``g`` override this to project once: :math:`P_x(a v + b g)` for an
         embedded manifold."""
         return self.transport_add(x, v, self.riemannian_grad(x, g), a, b, out=out)
+
+    def momentum_step(
+        self,
+        x: Tensor,
+        m: Tensor | None,
+        g: Tensor,
+        a: float,
+        b: float,
+        *,
+        step_size: Callable[[Tensor | None], StepSize],
+        needs_grad_norm: bool,
+        tracking: Tensor | None = None,
+        refresh: bool = False,
+        workspace: Workspace | None = None,
+    ) -> MomentumStep:
+        r"""One step of a momentum method, the part that touches the geometry.
+
+        .. math::
+            r = \operatorname{grad} f(x) \text{ of } g, \quad
+            m' = a\,\mathcal{T}(m) + b\,r, \quad
+            x' = R_x(t\, m'), \quad t = \texttt{step\_size}(\langle r, r\rangle_x)
+
+        ``m`` is the stored momentum (``None``: zero), ``t`` a number or one per point, and
+        ``step_size`` receives the per-point squared norms of ``r`` when ``needs_grad_norm``
+        (Adam's second moment), else ``None``. Returns the new point, the momentum to store
+        (un-transported for projection transports, see :attr:`transport_is_projection`),
+        :math:`\langle r, r\rangle_x` and, for manifolds that keep one, a small ``tracking``
+        state to pass back at the next step (``refresh=True`` asks for it to be rebuilt from
+        the data instead of updated). This default composes the manifold's methods;
+        manifolds override it to share products between the pieces (the Stiefel manifold
+        tracks :math:`X^\top m` so that a step needs four matrix products instead of six).
+        """
+        work = workspace if workspace is not None else Workspace()
+        if needs_grad_norm:
+            r = self.riemannian_grad(x, g, out=work.like("gradient", x))
+            norm_sq = self.inner(x, r, r)
+            m_new = r.mul_(b) if m is None else self.transport_add(x, m, r, a, b, out=r)
+        else:
+            norm_sq = None
+            direction = work.like("direction", x)
+            if m is None:
+                m_new = self.riemannian_grad(x, g, out=direction).mul_(b)
+            else:
+                m_new = self.transport_add_grad(x, m, g, a, b, out=direction)
+        y = self.retract(x, m_new, step_size(norm_sq), workspace=work)
+        stored = m_new if self.transport_is_projection else self.transport(x, y, m_new)
+        return MomentumStep(y, stored, norm_sq, None)
 
     def retract_transport(
         self, x: Tensor, u: Tensor, v: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import EmbeddedManifold, StepSize, Workspace, add_step, check_iterations, into
+from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, add_step, check_iterations, into
 from .linalg import (
     cholesky_orthonormalize,
+    cholesky_upper,
+    divide_upper,
     identity_like,
     inverse_sqrt_newton,
     newton_iterations_needed,
@@ -18,6 +20,7 @@ from .linalg import (
     polar_from_gram,
     polar_svd,
     qr_positive,
+    solve_upper_right,
     sym,
 )
 
@@ -143,6 +146,71 @@ class Stiefel(EmbeddedManifold):
             return polar_from_gram(w, gram)
         return _newton_polar(w, gram, self.iterations)
 
+    def momentum_step(
+        self,
+        x: Tensor,
+        m: Tensor | None,
+        g: Tensor,
+        a: float,
+        b: float,
+        *,
+        step_size: Callable[[Tensor | None], StepSize],
+        needs_grad_norm: bool,
+        tracking: Tensor | None = None,
+        refresh: bool = False,
+        workspace: Workspace | None = None,
+    ) -> MomentumStep:
+        r"""The momentum step of :meth:`Manifold.momentum_step`, fused for the ``"qr"`` retraction.
+
+        The stored momentum ``m`` is tangent at the previous point, and
+        ``tracking`` :math:`= E = X^\top m` (``p x p`` per point, on the short side) is known
+        from the previous step. With :math:`A = X^\top g` and
+        :math:`K = \mathrm{sym}(A) + \tfrac ab \mathrm{sym}(E)`:
+
+        .. math::
+            \tilde\Delta = g - XK = r - \tfrac ab X\,\mathrm{sym}(E), \quad
+            m' = a m + b\tilde\Delta = P_X(a m + b g), \quad
+            \|r\|^2 = \|\tilde\Delta\|^2 - \tfrac{a^2}{b^2}\|\mathrm{sym}(E)\|^2
+
+        (``r`` and :math:`X\,\mathrm{sym}(E)` are orthogonal), :math:`F = X^\top m' =
+        a\,\mathrm{skew}(E) + b\,\mathrm{skew}(A)`, :math:`B = m'^\top m'`, and the Gram
+        matrix of :math:`W = X + t m'` is :math:`I + t^2 B` (``2 sym(F) = 0``). Cholesky-QR
+        gives :math:`Y = W R^{-1}` and the next tracking state
+        :math:`Y^\top m' = R^{-\top}(F + tB)`. Four products with ``n x p`` operands
+        (``A``, :math:`\tilde\Delta`, ``B``, ``Y``) instead of the six of the composition.
+
+        The algebra assumes :math:`X^\top X = I`; rounding makes that drift by about one
+        unit roundoff per step, so the caller passes ``refresh=True`` every few steps: the
+        Gram matrix is then formed from ``W`` itself (which re-orthonormalizes ``X`` to
+        working precision) and no tracking state is returned, so the next step forms ``E``
+        from the data. Without ``tracking`` ``E`` is formed from the data (one more product).
+        """
+        if self.retraction != "qr" or b == 0 or not needs_grad_norm:
+            # without Adam's gradient norm the composition needs four products too (X^T h, the
+            # projection, the Gram matrix, the solve) and no tracking state
+            return super().momentum_step(
+                x, m, g, a, b, step_size=step_size, needs_grad_norm=needs_grad_norm, workspace=workspace
+            )
+        if _is_wide(x):
+            result = self.momentum_step(
+                x.mT,
+                None if m is None else m.mT,
+                g.mT,
+                a,
+                b,
+                step_size=step_size,
+                needs_grad_norm=needs_grad_norm,
+                tracking=tracking,
+                refresh=refresh,
+                workspace=workspace,
+            )
+            return MomentumStep(
+                result.x.mT, result.momentum.mT, result.grad_norm_sq, result.tracking, result.tracking_used
+            )
+        return _fused_momentum_step(
+            x, m, g, a, b, step_size, needs_grad_norm, tracking, refresh, workspace or Workspace()
+        )
+
     def exp(self, x: Tensor, u: Tensor) -> Tensor:
         r"""Exponential map of the Euclidean metric (Edelman, Arias, Smith 1998, eq. 2.45).
 
@@ -198,13 +266,75 @@ def _is_one(t: StepSize) -> bool:
     return not isinstance(t, Tensor) and t == 1.0
 
 
-def subtract_product(u: Tensor, x: Tensor, s: Tensor, *, out: Tensor | None = None) -> Tensor:
-    """``u - x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``)."""
+def subtract_product(u: Tensor, x: Tensor, s: Tensor, *, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """``u - alpha x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``)."""
     if x.dim() == 2:
-        return torch.addmm(u, x, s, alpha=-1, out=out)
+        return torch.addmm(u, x, s, alpha=-alpha, out=out)
     if x.dim() == 3:
-        return torch.baddbmm(u, x, s, alpha=-1, out=out)
-    return into(out, u - x @ s)
+        return torch.baddbmm(u, x, s, alpha=-alpha, out=out)
+    return into(out, u - alpha * (x @ s))
+
+
+def _fused_momentum_step(
+    x: Tensor,
+    m: Tensor | None,
+    g: Tensor,
+    a: float,
+    b: float,
+    step_size: Callable[[Tensor | None], StepSize],
+    needs_grad_norm: bool,
+    tracking: Tensor | None,
+    refresh: bool,
+    work: Workspace,
+) -> MomentumStep:
+    """:meth:`Stiefel.momentum_step` for tall ``x`` (see there)."""
+    a_g = x.mT @ g
+    if m is None:
+        e, a = None, 0.0
+    else:
+        e = tracking if tracking is not None else x.mT @ m
+    ratio = a / b
+    # H = X^T (a m + b g) / b: sym(H) projects, F = X^T m' = b skew(H) (A and E enter together)
+    h = a_g if e is None else torch.add(a_g, e, alpha=ratio)
+    h2 = h + h.mT  # 2 sym(H), the one transposed pass
+    m_new = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))  # Delta~
+    norm_sq = None
+    if needs_grad_norm:
+        norm_sq = _squared_norms(m_new)
+        if e is not None:  # minus the normal part ratio * X sym(E), orthogonal to r
+            norm_sq = (norm_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
+    if m is None:
+        m_new.mul_(b)
+    else:
+        m_new.mul_(b).add_(m, alpha=a)
+    t = step_size(norm_sq)
+    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=x.dtype, device=x.device)
+    t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
+    w = work.like("stiefel_step", x)
+    used = torch.zeros_like(a_g) if e is None else e
+    if refresh:
+        torch.addcmul(x, m_new, t_points, out=w)
+        w, gram = limit_step(x, w, w.mT @ w)
+        y = cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x))
+        return MomentumStep(y, m_new, norm_sq, None, used)
+    moment = m_new.mT @ m_new  # B
+    t2 = t_points * t_points
+    t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
+    t_points = t2.sqrt().copysign(t_points)
+    gram = moment * t2
+    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
+    torch.addcmul(x, m_new, t_points, out=w)
+    upper = cholesky_upper(gram)
+    y = divide_upper(upper, w, out=work.like("stiefel_point", x))
+    # next tracking Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H) = b (H - sym(H))
+    rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
+    next_tracking = solve_upper_right(upper, rhs.mT).mT  # R^-T rhs = (rhs^T R^-1)^T
+    return MomentumStep(y, m_new, norm_sq, next_tracking, used)
+
+
+def _squared_norms(a: Tensor) -> Tensor:
+    """Squared Frobenius norm of each matrix, ``(..., 1, 1)``."""
+    return torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True).square()
 
 
 def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
@@ -12,7 +12,17 @@ from torch.optim.adam import adam as torch_adam
 
 from ..manifolds import Euclidean, Manifold
 from ..manifolds.base import Workspace
-from .base import Bucket, BucketedOptimizer, BucketUpdate, all_finite, check_nonnegative
+from .base import (
+    Bucket,
+    BucketedOptimizer,
+    BucketUpdate,
+    StateWrite,
+    all_finite,
+    check_nonnegative,
+    tracking_inputs,
+    tracking_key,
+    tracking_outputs,
+)
 from .functional import adam_update
 from .plain import check_implementation_options, plain_implementation
 
@@ -108,8 +118,12 @@ class RiemannianAdam(BucketedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros(second_moment_shape, dtype=dtype, device=param.device)
 
+    def _bucket_key(self, state: dict[str, Any]) -> Hashable:
+        return tracking_key(state, "exp_avg")
+
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
         beta1, beta2 = group["betas"]
+        tracking, refresh = tracking_inputs(bucket, "exp_avg")
         steps = [state["step"] for state in bucket.states]
         step = _points_steps(bucket, steps) + 1
         update = adam_update(
@@ -117,8 +131,8 @@ class RiemannianAdam(BucketedOptimizer):
             bucket.x,
             bucket.grad,
             bucket.state("exp_avg"),
-            bucket.state("exp_avg_sq", per_point=True),
-            bucket.state("max_exp_avg_sq", per_point=True) if group["amsgrad"] else None,
+            bucket.state("exp_avg_sq", "scalar"),
+            bucket.state("max_exp_avg_sq", "scalar") if group["amsgrad"] else None,
             step=step,
             lr=group["lr"],
             beta1=beta1,
@@ -126,13 +140,16 @@ class RiemannianAdam(BucketedOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            tracking=tracking,
+            refresh=refresh,
             workspace=workspace,
         )
-        per_point = {"exp_avg_sq": update.exp_avg_sq}
+        writes = [StateWrite("exp_avg", update.momentum), StateWrite("exp_avg_sq", update.exp_avg_sq, "scalar")]
         if update.max_exp_avg_sq is not None:
-            per_point["max_exp_avg_sq"] = update.max_exp_avg_sq
+            writes.append(StateWrite("max_exp_avg_sq", update.max_exp_avg_sq, "scalar"))
+        tracked, drop, on_commit = tracking_outputs(bucket, "exp_avg", update.tracking, update.tracking_used)
         ok = all_finite(update.x, update.momentum, update.exp_avg_sq)
-        return BucketUpdate(update.x, {"exp_avg": update.momentum}, per_point, ok)
+        return BucketUpdate(update.x, writes + tracked, ok, drop, on_commit)
 
     def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:
         steps = [state["step"] for state in bucket.states]

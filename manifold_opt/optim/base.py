@@ -31,6 +31,9 @@ from ..manifolds.base import Workspace
 from .functional import keep_on_manifold
 
 EUCLIDEAN = Euclidean()
+# Manifold parameters with at least this many entries get a bucket of their own (views of
+# the parameter and its state, no copies): stacking only pays where per-call overhead does.
+STACK_BELOW = 2**16
 NONFINITE_POLICIES = ("skip", "raise")
 
 
@@ -54,6 +57,11 @@ def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+# The layout of a state in a bucket: "tangent" (like the points), "scalar" (one number per
+# point) or a tuple (the trailing shape of one point's entry, e.g. (p, p)).
+Layout = str | tuple[int, ...]
+
+
 @dataclass
 class Bucket:
     """Parameters stepped together, in the points layout.
@@ -74,11 +82,18 @@ class Bucket:
     _old: dict[str, tuple[Tensor, bool]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.x, self._x_is_view = self._points([p.detach() for p in self.params], per_point=False)
-        self.grad, _ = self._points([p.grad for p in self.params], per_point=False)
+        self.x, self._x_is_view = self._points([p.detach() for p in self.params], "tangent")
+        self.grad, _ = self._points([p.grad for p in self.params], "tangent")
 
-    def _points(self, tensors: list[Tensor], per_point: bool) -> tuple[Tensor, bool]:
-        shape = (1,) * self.manifold.point_ndim if per_point else self.point_shape
+    def _trailing(self, layout: Layout) -> tuple[int, ...]:
+        if layout == "tangent":
+            return self.point_shape
+        if layout == "scalar":
+            return (1,) * self.manifold.point_ndim
+        return tuple(layout)
+
+    def _points(self, tensors: list[Tensor], layout: Layout) -> tuple[Tensor, bool]:
+        shape = self._trailing(layout)
         if len(tensors) == 1:
             tensor = tensors[0]
             if tensor.dtype == self.dtype and tensor.is_contiguous():
@@ -86,35 +101,49 @@ class Bucket:
             return tensor.to(self.dtype).reshape(-1, *shape), False
         return torch.cat([t.reshape(-1) for t in tensors]).to(self.dtype).view(-1, *shape), False
 
-    def state(self, name: str, per_point: bool = False) -> Tensor | None:
-        """A state of every parameter in the points layout (``(num_points, 1, ..., 1)`` for a
-        one-scalar-per-point state), or None before it exists."""
+    def state(self, name: str, layout: Layout = "tangent") -> Tensor | None:
+        """A state of every parameter in the points layout (``(num_points, *trailing)``), or
+        None before it exists. ``layout="stored"`` takes the trailing shape from the tensors."""
         values = [state.get(name) for state in self.states]
         if any(value is None for value in values):
             return None
-        self._old[name] = self._points(values, per_point)
+        if layout == "stored":
+            layout = tuple(values[0].shape[len(self.manifold.batch_shape(self.params[0].shape)) :])
+        self._old[name] = self._points(values, layout)
         return self._old[name][0]
 
     def write_params(self, new: Tensor, ok: Tensor) -> None:
         """Store the new points where ``ok`` (a 0-dim bool tensor); elsewhere nothing changes."""
         _write([p.detach() for p in self.params], self.x, self._x_is_view, new, ok)
 
-    def write_state(self, name: str, new: Tensor, ok: Tensor, per_point: bool = False) -> None:
-        """Store a new state where ``ok``. A state written for the first time is created
-        (zeros where not ``ok``), in the parameter's shape (or its batch shape, ``per_point``)."""
+    def write_state(self, write: StateWrite, ok: Tensor) -> None:
+        """Store a new state where ``ok``. A state written for the first time is created, with
+        ``write.fallback`` (zeros by default) where not ``ok``."""
+        name, new = write.name, write.value
         targets = [state.get(name) for state in self.states]
         if any(target is None for target in targets):
-            fresh = torch.where(ok, new, torch.zeros((), dtype=new.dtype, device=new.device))
-            sizes = [self._numel(p, per_point) for p in self.params]
+            fallback = write.fallback if write.fallback is not None else torch.zeros((), dtype=new.dtype)
+            fresh = torch.where(ok, new, fallback.to(new.device))
+            trailing = math.prod(self._trailing(write.layout))
+            sizes = [self._batch_numel(p) * trailing for p in self.params]
             for state, param, piece in zip(self.states, self.params, torch.split(fresh.reshape(-1), sizes)):
-                shape = self.manifold.batch_shape(param.shape) if per_point else param.shape
-                state[name] = piece.reshape(shape).clone()
+                state[name] = piece.reshape(self._shape(param, write.layout)).clone()
             return
-        old, is_view = self._old[name] if name in self._old else self._points(targets, per_point)
+        old, is_view = self._old[name] if name in self._old else self._points(targets, write.layout)
         _write(targets, old, is_view, new, ok)
 
-    def _numel(self, param: Tensor, per_point: bool) -> int:
-        return math.prod(self.manifold.batch_shape(param.shape)) if per_point else param.numel()
+    def drop_state(self, name: str) -> None:
+        for state in self.states:
+            state.pop(name, None)
+
+    def _batch_numel(self, param: Tensor) -> int:
+        return math.prod(param.shape) // math.prod(self.point_shape)
+
+    def _shape(self, param: Tensor, layout: Layout) -> tuple[int, ...]:
+        if layout == "tangent":
+            return tuple(param.shape)
+        batch = self.manifold.batch_shape(param.shape)
+        return tuple(batch) if layout == "scalar" else (*batch, *layout)
 
 
 def _write(targets: list[Tensor], old: Tensor, old_is_view: bool, new: Tensor, ok: Tensor) -> None:
@@ -127,18 +156,72 @@ def _write(targets: list[Tensor], old: Tensor, old_is_view: bool, new: Tensor, o
 
 
 @dataclass
+class StateWrite:
+    """A new state of a bucket (points layout ``(num_points, *trailing)``; see ``Layout``), and
+    what to store where the step is skipped when the state does not exist yet."""
+
+    name: str
+    value: Tensor
+    layout: Layout = "tangent"
+    fallback: Tensor | None = None
+
+
+@dataclass
 class BucketUpdate:
     """The new values of a bucket, computed without touching the stored ones.
 
-    ``x``: new points; ``tangents``: new tangent-vector states (points layout);
-    ``per_point``: new one-scalar-per-point states (``(num_points, 1, ..., 1)``); ``ok``: a
-    0-dim bool tensor, False when anything came out non-finite (then nothing is written).
+    ``x``: new points; ``states``: new states; ``ok``: a 0-dim bool tensor, False when
+    anything came out non-finite (then nothing is written); ``drop`` (states to delete) and
+    ``on_commit`` are host-side bookkeeping, done when the bucket is written whatever ``ok`` is.
     """
 
     x: Tensor
-    tangents: dict[str, Tensor]
-    per_point: dict[str, Tensor]
+    states: list[StateWrite]
     ok: Tensor
+    drop: tuple[str, ...] = ()
+    on_commit: Callable[[], None] | None = None
+
+
+# A manifold's tracking state (see Manifold.momentum_step) is stored as "<momentum>_xtm" and
+# rebuilt from the data every TRACKING_REFRESH_EVERY steps ("<momentum>_xtm_age" counts them
+# on the host), which bounds the rounding drift of the algebra it replaces products with.
+TRACKING = "_xtm"
+TRACKING_AGE = "_xtm_age"
+TRACKING_REFRESH_EVERY = 16
+
+
+def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
+    """(tracking state present, refresh due): part of a bucket key, so a bucket agrees on both."""
+    return momentum + TRACKING in state, state.get(momentum + TRACKING_AGE, 0) >= TRACKING_REFRESH_EVERY
+
+
+def tracking_inputs(bucket: Bucket, momentum: str) -> tuple[Tensor | None, bool]:
+    """The stacked tracking state of a bucket (or None) and whether to rebuild it this step."""
+    refresh = bucket.states[0].get(momentum + TRACKING_AGE, 0) >= TRACKING_REFRESH_EVERY
+    return bucket.state(momentum + TRACKING, "stored"), refresh
+
+
+def tracking_outputs(
+    bucket: Bucket, momentum: str, tracking: Tensor | None, used: Tensor | None
+) -> tuple[list[StateWrite], tuple[str, ...], Callable[[], None] | None]:
+    """Writes, deletions and host bookkeeping for a new tracking state (``used``: the one the
+    step started from, kept where the step is skipped)."""
+    name, age = momentum + TRACKING, momentum + TRACKING_AGE
+    if tracking is None:
+        if not any(age in state for state in bucket.states):
+            return [], (), None  # the manifold keeps none
+
+        def reset() -> None:
+            for state in bucket.states:
+                state[age] = 0
+
+        return [], (name,), reset
+
+    def advance() -> None:
+        for state in bucket.states:
+            state[age] = state.get(age, 0) + 1
+
+    return [StateWrite(name, tracking, tuple(tracking.shape[1:]), used)], (), advance
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
@@ -249,7 +332,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         pending: list[_Pending] = []
         for group in self.param_groups:
             for key, params in self._group_buckets(group).items():
-                manifold, point_shape, dtype, _, _ = key
+                manifold, point_shape, dtype = key[:3]
                 if isinstance(manifold, Euclidean):
                     pending.append(self._plain_bucket(group, params, dtype))
                 else:
@@ -278,6 +361,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if not state:
                 self._init_state(group, param, manifold, dtype)
             key = (manifold, manifold.point_shape(param.shape), dtype, param.device, self._bucket_key(state))
+            if param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean):
+                key = (*key, id(param))  # its own bucket: a view, nothing copied
             grouped.setdefault(key, []).append(param)
         return grouped
 
@@ -291,12 +376,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
         def commit() -> None:
             if manifold.retraction_drifts:
-                self.reprojected_points += keep_on_manifold(manifold, update.x, list(update.tangents.values()))
+                tangents = [write.value for write in update.states if write.layout == "tangent"]
+                self.reprojected_points += keep_on_manifold(manifold, update.x, tangents)
             bucket.write_params(update.x, update.ok)
-            for name, value in update.tangents.items():
-                bucket.write_state(name, value, update.ok)
-            for name, value in update.per_point.items():
-                bucket.write_state(name, value, update.ok, per_point=True)
+            for write in update.states:
+                bucket.write_state(write, update.ok)
+            for name in update.drop:
+                bucket.drop_state(name)
+            if update.on_commit is not None:
+                update.on_commit()
             self._bucket_committed(bucket, update.ok)
             self._count_skip(~update.ok)
 

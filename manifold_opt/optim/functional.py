@@ -20,10 +20,14 @@ from ..manifolds.base import Workspace
 
 @dataclass
 class Update:
-    """New points and the new momentum (stored as the manifold's transport convention asks)."""
+    """New points, the new momentum (stored as the manifold's transport convention asks) and
+    the manifold's tracking state for the next step (see
+    :meth:`~manifold_opt.manifolds.Manifold.momentum_step`)."""
 
     x: Tensor
     momentum: Tensor | None
+    tracking: Tensor | None = None
+    tracking_used: Tensor | None = None
 
 
 def _moved(manifold: Manifold, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
@@ -44,6 +48,8 @@ def sgd_update(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    tracking: Tensor | None = None,
+    refresh: bool = False,
     workspace: Workspace,
 ) -> Update:
     r"""One step of Riemannian SGD (Bonnabel 2013) with momentum transported along the step.
@@ -54,38 +60,48 @@ def sgd_update(
         d = r + \mu m \text{ (Nesterov) or } m, \quad
         x' = R_x(-\eta d).
 
-    ``momentum_buffer`` is ``None`` before the first step. With a projection transport the
-    combination :math:`\mu\mathcal{T}(m) + (1-\delta) r = P_x(\mu m + (1-\delta) g)` is one
-    projection (:meth:`~manifold_opt.manifolds.Manifold.transport_add_grad`), and the new
-    momentum is returned as it is, to be projected at the next step.
+    ``momentum_buffer`` is ``None`` before the first step. The momentum and retraction go
+    through :meth:`~manifold_opt.manifolds.Manifold.momentum_step` (one projection for a
+    projection transport; the fused Stiefel step), except with Nesterov momentum, whose
+    direction is not the stored momentum.
     """
     g = grad.neg() if maximize else grad
     if weight_decay != 0:
         g = g.add(x, alpha=weight_decay)
-    direction = workspace.like("direction", x)
     if momentum == 0:
-        d = manifold.riemannian_grad(x, g, out=direction)
+        d = manifold.riemannian_grad(x, g, out=workspace.like("direction", x))
         return Update(manifold.retract(x, d, -lr, workspace=workspace), None)
-    if momentum_buffer is None:  # torch.optim's first step: m = r
-        m = manifold.riemannian_grad(x, g, out=direction)
-        d = m.mul(1 + momentum) if nesterov else m
-    else:
-        m = manifold.transport_add_grad(x, momentum_buffer, g, momentum, 1 - dampening, out=direction)
-        d = (
-            manifold.transport_add_grad(x, momentum_buffer, g, momentum * momentum, 1 + momentum * (1 - dampening))
-            if nesterov
-            else m
-        )
-    y = manifold.retract(x, d, -lr, workspace=workspace)
-    return Update(y, _moved(manifold, x, y, m))
+    if nesterov:
+        if momentum_buffer is None:  # torch.optim's first step: m = r
+            m = manifold.riemannian_grad(x, g, out=workspace.like("direction", x))
+            d = m.mul(1 + momentum)
+        else:
+            m = manifold.transport_add_grad(x, momentum_buffer, g, momentum, 1 - dampening)
+            d = manifold.transport_add_grad(x, momentum_buffer, g, momentum**2, 1 + momentum * (1 - dampening))
+        y = manifold.retract(x, d, -lr, workspace=workspace)
+        return Update(y, _moved(manifold, x, y, m))
+    first = momentum_buffer is None  # torch.optim's first step: m = r
+    step = manifold.momentum_step(
+        x,
+        momentum_buffer,
+        g,
+        0.0 if first else momentum,
+        1.0 if first else 1 - dampening,
+        step_size=lambda _: -lr,
+        needs_grad_norm=False,
+        tracking=tracking,
+        refresh=refresh,
+        workspace=workspace,
+    )
+    return Update(step.x, step.momentum, step.tracking, step.tracking_used)
 
 
 @dataclass
 class AdamUpdate(Update):
     """Adam's new points, first moment and per-point second moments."""
 
-    exp_avg_sq: Tensor
-    max_exp_avg_sq: Tensor | None
+    exp_avg_sq: Tensor | None = None
+    max_exp_avg_sq: Tensor | None = None
 
 
 def adam_update(
@@ -103,6 +119,8 @@ def adam_update(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    tracking: Tensor | None = None,
+    refresh: bool = False,
     workspace: Workspace,
 ) -> AdamUpdate:
     r"""One step of Riemannian Adam (Bécigneul & Ganea, ICLR 2019).
@@ -116,21 +134,36 @@ def adam_update(
     The second moment ``v`` is one scalar per point (``(num_points, 1, ...)``). ``step`` is
     the step number ``k >= 1`` of each point (a tensor broadcasting against ``v``), so the
     bias corrections are computed on the device. The step size of each point enters the
-    retraction as its ``t``: no extra pass over the points.
+    retraction as its ``t`` (:meth:`~manifold_opt.manifolds.Manifold.momentum_step`).
     """
     g = grad.neg() if maximize else grad
     if weight_decay != 0:
         g = g.add(x, alpha=weight_decay)
-    r = manifold.riemannian_grad(x, g, out=workspace.like("gradient", x))
-    v = exp_avg_sq.mul(beta2).add_(manifold.inner(x, r, r), alpha=1 - beta2)
-    m = manifold.transport_add(x, exp_avg, r, beta1, 1 - beta1, out=r)
-    v_max = None if max_exp_avg_sq is None else torch.maximum(max_exp_avg_sq, v)
-    bias_correction1 = 1 - torch.pow(beta1, step)
-    bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
-    denominator = ((v if v_max is None else v_max).sqrt() / bias_correction2_sqrt).add_(eps)
-    step_size = (-lr / bias_correction1) / denominator
-    y = manifold.retract(x, m, step_size, workspace=workspace)
-    return AdamUpdate(y, _moved(manifold, x, y, m), v, v_max)
+    moments: dict[str, Tensor | None] = {}
+
+    def step_size(norm_sq: Tensor | None) -> Tensor:
+        assert norm_sq is not None
+        v = exp_avg_sq.mul(beta2).add_(norm_sq, alpha=1 - beta2)
+        v_max = None if max_exp_avg_sq is None else torch.maximum(max_exp_avg_sq, v)
+        moments.update(v=v, v_max=v_max)
+        bias_correction1 = 1 - torch.pow(beta1, step)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+        denominator = ((v if v_max is None else v_max).sqrt() / bias_correction2_sqrt).add_(eps)
+        return (-lr / bias_correction1) / denominator
+
+    result = manifold.momentum_step(
+        x,
+        exp_avg,
+        g,
+        beta1,
+        1 - beta1,
+        step_size=step_size,
+        needs_grad_norm=True,
+        tracking=tracking,
+        refresh=refresh,
+        workspace=workspace,
+    )
+    return AdamUpdate(result.x, result.momentum, result.tracking, result.tracking_used, moments["v"], moments["v_max"])
 
 
 def keep_on_manifold(manifold: Manifold, x: Tensor, tangents: list[Tensor]) -> int:

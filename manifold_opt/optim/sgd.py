@@ -10,7 +10,17 @@ from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
 from ..manifolds.base import Workspace
-from .base import Bucket, BucketedOptimizer, BucketUpdate, all_finite, check_nonnegative
+from .base import (
+    Bucket,
+    BucketedOptimizer,
+    BucketUpdate,
+    StateWrite,
+    all_finite,
+    check_nonnegative,
+    tracking_inputs,
+    tracking_key,
+    tracking_outputs,
+)
 from .functional import sgd_update
 from .plain import check_implementation_options, plain_implementation
 
@@ -99,9 +109,10 @@ class RiemannianSGD(BucketedOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
-        return "momentum_buffer" in state
+        return "momentum_buffer" in state, tracking_key(state, "momentum_buffer")
 
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
+        tracking, refresh = tracking_inputs(bucket, "momentum_buffer")
         update = sgd_update(
             bucket.manifold,
             bucket.x,
@@ -113,10 +124,15 @@ class RiemannianSGD(BucketedOptimizer):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            tracking=tracking,
+            refresh=refresh,
             workspace=workspace,
         )
-        tangents = {} if update.momentum is None else {"momentum_buffer": update.momentum}
-        return BucketUpdate(update.x, tangents, {}, all_finite(update.x, *tangents.values()))
+        if update.momentum is None:
+            return BucketUpdate(update.x, [], all_finite(update.x))
+        writes, drop, on_commit = tracking_outputs(bucket, "momentum_buffer", update.tracking, update.tracking_used)
+        writes.insert(0, StateWrite("momentum_buffer", update.momentum))
+        return BucketUpdate(update.x, writes, all_finite(update.x, update.momentum), drop, on_commit)
 
     # ------------------------------------------------------------ plain tensors
     def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:

@@ -166,7 +166,9 @@ class RiemannianAdam(BucketedOptimizer):
         """``torch.optim.adam.adam`` (the functional form of ``torch.optim.Adam``) on plain tensors."""
         implementation = plain_implementation(group, params, FUSED_KERNEL)
         states = [self.state[p] for p in params]
-        device = "cpu" if implementation != "fused" else params[0].device
+        # under torch.compile, torch's capturable form: bias corrections as device tensors
+        capturable = torch.compiler.is_compiling() and implementation == "foreach"
+        device = params[0].device if implementation == "fused" or capturable else "cpu"
         for state in states:  # a checkpoint from another implementation keeps its steps elsewhere
             if state["step"].device != torch.device(device):
                 state["step"] = state["step"].to(device)
@@ -180,6 +182,7 @@ class RiemannianAdam(BucketedOptimizer):
             [state["step"] for state in states],
             foreach=implementation == "foreach",
             fused=implementation == "fused",
+            capturable=capturable,
             found_inf=found_inf if implementation == "fused" else None,
             amsgrad=group["amsgrad"],
             beta1=beta1,

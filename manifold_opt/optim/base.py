@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
 from ..manifolds.base import Workspace
@@ -187,7 +188,7 @@ class BucketUpdate:
 # on the host), which bounds the rounding drift of the algebra it replaces products with.
 TRACKING = "_xtm"
 TRACKING_AGE = "_xtm_age"
-TRACKING_REFRESH_EVERY = 16
+TRACKING_REFRESH_EVERY = 4
 
 
 def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
@@ -196,7 +197,12 @@ def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
 
 
 def tracking_inputs(bucket: Bucket, momentum: str) -> tuple[Tensor | None, bool]:
-    """The stacked tracking state of a bucket (or None) and whether to rebuild it this step."""
+    """The stacked tracking state of a bucket (or None) and whether to rebuild it this step.
+
+    Under ``torch.compile`` the state is rebuilt at every step: a host counter that changes
+    every step would change the compiled graph's guards."""
+    if torch.compiler.is_compiling():
+        return bucket.state(momentum + TRACKING, "stored"), True
     refresh = bucket.states[0].get(momentum + TRACKING_AGE, 0) >= TRACKING_REFRESH_EVERY
     return bucket.state(momentum + TRACKING, "stored"), refresh
 
@@ -303,6 +309,10 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:
         """Called after a bucket's results were written (e.g. to advance step counts where ``ok``)."""
 
+    def _prepare_step(self) -> None:
+        """Host-side decisions taken before a step's buckets are formed (e.g. PSI-SGD's
+        detection); runs first, so under ``torch.compile`` it is at most one graph break."""
+
     def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
         """Step plain tensors in place by ``torch.optim``'s kernels; with ``found_inf`` (a float
         0-dim tensor, 1 for a non-finite gradient) the fused kernels skip on the device."""
@@ -318,7 +328,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return False
 
     # ---------------------------------------------------------------- stepping
-    @torch.no_grad()
+    @_use_grad_for_differentiable  # torch.optim's: no_grad, with graph breaks torch.compile relies on
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
 
@@ -329,6 +339,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._prepare_step()
         pending: list[_Pending] = []
         for group in self.param_groups:
             for key, params in self._group_buckets(group).items():

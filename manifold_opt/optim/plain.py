@@ -6,6 +6,8 @@ functional forms of ``torch.optim.SGD``/``Adam`` (``torch.optim.sgd.sgd``,
 options. The default (both ``None``) is torch's fused kernel where it exists for the
 device and dtype, else its multi-tensor (``foreach``) kernel: the fused kernels are the
 fastest and skip a step on the device when a gradient is non-finite, with no host read.
+Under ``torch.compile`` the default is ``foreach`` (dynamo does not trace fused kernels;
+inductor fuses the ``foreach`` ones itself).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def plain_implementation(group: dict[str, Any], params: list[Tensor], kernel: st
     fused, foreach = group.get("fused"), group.get("foreach")
     if fused:
         return "fused"
+    if torch.compiler.is_compiling():
+        return "single" if foreach is False else "foreach"  # dynamo does not trace the fused kernels
     if foreach:
         return "foreach"
     if foreach is False:

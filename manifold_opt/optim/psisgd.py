@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -151,9 +151,10 @@ class PSISGD(RiemannianSGD):
             return manifold_of(param)
         return PSI_ROWS if self.state[param].get("psi_verdict") == PSI_VERDICT else EUCLIDEAN
 
-    def _group_buckets(self, group: dict[str, Any]) -> dict[Hashable, list[Tensor]]:
-        self._classify(group)
-        return super()._group_buckets(group)
+    @torch.compiler.disable  # host decisions: under torch.compile, one graph break, no recompiles
+    def _prepare_step(self) -> None:
+        for group in self.param_groups:
+            self._classify(group)
 
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
         if not isinstance(bucket.manifold, PSI):

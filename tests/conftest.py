@@ -1,7 +1,9 @@
-"""Hypothesis profiles: ``dev`` (quick, the default) and ``ci`` (thorough, used by .ci/run)."""
+"""Hypothesis profiles (``dev``, quick, the default; ``ci``, thorough, used by .ci/run) and the
+``device`` fixture: every device this machine has (CPU always, CUDA or MPS where present)."""
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -14,3 +16,14 @@ settings.register_profile(
     "ci", max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+DEVICES = ["cpu"]
+if torch.cuda.is_available():
+    DEVICES.append("cuda")
+if torch.backends.mps.is_available():
+    DEVICES.append("mps")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)

@@ -51,13 +51,19 @@ class Workspace:
     ``tensor``, allocated on first use. Reusing buffers avoids allocating full-size
     temporaries at every step, which on CPUs also costs page faults. A buffer belongs to
     its caller until the same name is asked for again; geometry methods take an optional
-    workspace and allocate when given none.
+    workspace and allocate when given none. Under ``torch.compile`` the optimizers pass a
+    disabled one (``enabled=False``): inductor plans memory itself, and ``out=`` arguments
+    into reused buffers only get in its way.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self.enabled = enabled
 
-    def like(self, name: str, tensor: Tensor) -> Tensor:
+    def like(self, name: str, tensor: Tensor) -> Tensor | None:
+        """A buffer like ``tensor`` (None for a disabled workspace: the caller allocates)."""
+        if not self.enabled:
+            return None
         buffer = self._buffers.get(name)
         if (
             buffer is None

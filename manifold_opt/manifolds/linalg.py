@@ -183,6 +183,8 @@ def solve_upper_right(r: Tensor, w: Tensor, *, out: Tensor | None = None, leaf: 
 
     Shapes: ``r (..., p, p)``, ``w (..., n, p)`` -> ``(..., n, p)``.
     """
+    if torch.compiler.is_compiling():  # dynamo refuses out= into slices: the same recursion, concatenated
+        return _solve_upper_right_functional(r, w, leaf or 16)
     if out is None:
         out = torch.empty(
             torch.broadcast_shapes(w.shape[:-2], r.shape[:-2]) + w.shape[-2:], dtype=w.dtype, device=w.device
@@ -197,6 +199,16 @@ def solve_upper_right(r: Tensor, w: Tensor, *, out: Tensor | None = None, leaf: 
     rest = w[..., h:] - first @ r[..., :h, h:]
     solve_upper_right(r[..., h:, h:], rest, out=out[..., h:], leaf=leaf)
     return out
+
+
+def _solve_upper_right_functional(r: Tensor, w: Tensor, leaf: int) -> Tensor:
+    p = r.shape[-1]
+    if p <= leaf:
+        return torch.linalg.solve_triangular(r, w, upper=True, left=False)
+    h = p // 2
+    first = _solve_upper_right_functional(r[..., :h, :h], w[..., :h], leaf)
+    rest = _solve_upper_right_functional(r[..., h:, h:], w[..., h:] - first @ r[..., :h, h:], leaf)
+    return torch.cat([first, rest], -1)
 
 
 def inverse_sqrt_newton(a: Tensor, iterations: int) -> Tensor:

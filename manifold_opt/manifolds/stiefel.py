@@ -129,7 +129,9 @@ class Stiefel(EmbeddedManifold):
 
     def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
         if _is_wide(x):
-            return self.project_tangent(x.mT, u.mT, out=None if out is None else out.mT).mT
+            if out is None or torch.compiler.is_compiling():  # dynamo refuses a transposed out=
+                return into(out, self.project_tangent(x.mT, u.mT).mT)
+            return self.project_tangent(x.mT, u.mT, out=out.mT).mT
         return subtract_product(u, x, sym(x.mT @ u), out=out)
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
@@ -251,8 +253,10 @@ class Stiefel(EmbeddedManifold):
     # ------------------------------------------------------------ drift policy
     @property
     def retraction_drifts(self) -> bool:
-        # qr and polar orthonormalize X + u from scratch: no error carries over.
-        return self.retraction in ("cayley", "newton")
+        # qr and polar orthonormalize X + u from scratch, and the default cayley (an exact
+        # solve) and newton (a count that converges for every step) land to working
+        # precision: only fixed iteration counts let errors carry over.
+        return self.retraction in ("cayley", "newton") and self.iterations is not None
 
     def drift_tolerance(self, dtype: torch.dtype) -> float:
         return 16 * torch.finfo(dtype).eps
@@ -313,7 +317,7 @@ def _fused_momentum_step(
     w = work.like("stiefel_step", x)
     used = torch.zeros_like(a_g) if e is None else e
     if refresh:
-        torch.addcmul(x, m_new, t_points, out=w)
+        w = torch.addcmul(x, m_new, t_points, out=w)
         w, gram = limit_step(x, w, w.mT @ w)
         y = cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x))
         return MomentumStep(y, m_new, norm_sq, None, used)
@@ -323,7 +327,7 @@ def _fused_momentum_step(
     t_points = t2.sqrt().copysign(t_points)
     gram = moment * t2
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
-    torch.addcmul(x, m_new, t_points, out=w)
+    w = torch.addcmul(x, m_new, t_points, out=w)
     upper = cholesky_upper(gram)
     y = divide_upper(upper, w, out=work.like("stiefel_point", x))
     # next tracking Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H) = b (H - sym(H))
@@ -352,7 +356,8 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
     excess = gram - eye
     shrink2 = (MAX_STEP**2 / torch.linalg.matrix_norm(excess)).clamp(max=1.0)  # NaN stays NaN
     gram = torch.where((shrink2 < 1)[..., None, None], eye + shrink2[..., None, None] * excess, gram)
-    return torch.lerp(x, w, shrink2.sqrt()[..., None, None], out=w), gram
+    weight = shrink2.sqrt()[..., None, None]
+    return (torch.lerp(x, w, weight) if torch.compiler.is_compiling() else torch.lerp(x, w, weight, out=w)), gram
 
 
 def newton_default_iterations(dtype: torch.dtype) -> int:
@@ -430,10 +435,16 @@ def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
     if 2 * p >= n:
         a = u_bar @ x.mT - x @ u_bar.mT
         eye = identity_like(a)
-        return torch.linalg.solve(eye - 0.5 * a, x + 0.5 * a @ x)
+        return _solve_or_nan(eye - 0.5 * a, x + 0.5 * a @ x)
     left = torch.cat([u_bar, x], dim=-1)
     right = torch.cat([x, -u_bar], dim=-1)
     z = x + 0.5 * left @ (right.mT @ x)
     small = right.mT @ left
     system = identity_like(small) - 0.5 * small
-    return z + 0.5 * left @ torch.linalg.solve(system, right.mT @ z)
+    return z + 0.5 * left @ _solve_or_nan(system, right.mT @ z)
+
+
+def _solve_or_nan(a: Tensor, b: Tensor) -> Tensor:
+    """``a^-1 b``, NaN where ``a`` is singular (no host read: ``solve_ex`` does not check)."""
+    solution, info = torch.linalg.solve_ex(a, b)
+    return torch.where((info == 0)[..., None, None], solution, torch.nan)

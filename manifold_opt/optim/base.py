@@ -115,7 +115,8 @@ class Bucket:
 
     def write_params(self, new: Tensor, ok: Tensor) -> None:
         """Store the new points where ``ok`` (a 0-dim bool tensor); elsewhere nothing changes."""
-        _write([p.detach() for p in self.params], self.x, self._x_is_view, new, ok)
+        targets = list(self.params) if torch.compiler.is_compiling() else [p.detach() for p in self.params]
+        _write(targets, self.x, self._x_is_view, new, ok)
 
     def write_state(self, write: StateWrite, ok: Tensor) -> None:
         """Store a new state where ``ok``. A state written for the first time is created, with
@@ -148,6 +149,13 @@ class Bucket:
 
 
 def _write(targets: list[Tensor], old: Tensor, old_is_view: bool, new: Tensor, ok: Tensor) -> None:
+    if torch.compiler.is_compiling():
+        # functional selection copied into the stored tensors themselves: AOT autograd cannot
+        # merge mutated inputs that are views of one another (a parameter and its points view)
+        pieces = torch.split(torch.where(ok, new, old).reshape(-1), [t.numel() for t in targets])
+        for target, piece in zip(targets, pieces):
+            target.copy_(piece.view_as(target))
+        return
     if old_is_view:
         torch.where(ok, new, old, out=old)
         return
@@ -382,8 +390,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
     ) -> _Pending:
         bucket = Bucket(manifold, point_shape, dtype, params, [self.state[p] for p in params])
         # one shared workspace when each bucket is written before the next is computed
-        shared = self.nonfinite == "skip" and not torch.compiler.is_compiling()
-        update = self._step_bucket(group, bucket, self._workspace if shared else Workspace())
+        if torch.compiler.is_compiling():
+            workspace = Workspace(enabled=False)
+        else:
+            workspace = self._workspace if self.nonfinite == "skip" else Workspace()
+        update = self._step_bucket(group, bucket, workspace)
 
         def commit() -> None:
             if manifold.retraction_drifts:

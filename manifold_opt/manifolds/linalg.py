@@ -201,6 +201,24 @@ def solve_upper_right(r: Tensor, w: Tensor, *, out: Tensor | None = None, leaf: 
     return out
 
 
+def invert_upper(r: Tensor, leaf: int = 32) -> Tensor:
+    r""":math:`R^{-1}` of upper-triangular ``R`` by recursive halving, matrix products but for
+    the ``leaf x leaf`` diagonal blocks:
+    :math:`\begin{pmatrix} R_{11} & R_{12} \\ 0 & R_{22}\end{pmatrix}^{-1} =
+    \begin{pmatrix} T_{11} & -T_{11} R_{12} T_{22} \\ 0 & T_{22}\end{pmatrix}`.
+
+    Shapes: ``r (..., p, p)`` -> ``(..., p, p)``.
+    """
+    p = r.shape[-1]
+    if p <= leaf:
+        return torch.linalg.solve_triangular(r, identity_like(r).expand_as(r), upper=True)
+    h = p // 2
+    t11, t22 = invert_upper(r[..., :h, :h], leaf), invert_upper(r[..., h:, h:], leaf)
+    t12 = -(t11 @ r[..., :h, h:]) @ t22
+    bottom = torch.cat([torch.zeros_like(t12.mT), t22], -1)
+    return torch.cat([torch.cat([t11, t12], -1), bottom], -2)
+
+
 def _solve_upper_right_functional(r: Tensor, w: Tensor, leaf: int) -> Tensor:
     p = r.shape[-1]
     if p <= leaf:

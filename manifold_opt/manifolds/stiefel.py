@@ -12,15 +12,14 @@ from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, add_step,
 from .linalg import (
     cholesky_orthonormalize,
     cholesky_upper,
-    divide_upper,
     identity_like,
     inverse_sqrt_newton,
+    invert_upper,
     newton_iterations_needed,
     newton_schulz,
     polar_from_gram,
     polar_svd,
     qr_positive,
-    solve_upper_right,
     sym,
 )
 
@@ -270,13 +269,15 @@ def _is_one(t: StepSize) -> bool:
     return not isinstance(t, Tensor) and t == 1.0
 
 
-def subtract_product(u: Tensor, x: Tensor, s: Tensor, *, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
-    """``u - alpha x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``)."""
+def subtract_product(
+    u: Tensor, x: Tensor, s: Tensor, *, alpha: float = 1.0, beta: float = 1.0, out: Tensor | None = None
+) -> Tensor:
+    """``beta u - alpha x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``)."""
     if x.dim() == 2:
-        return torch.addmm(u, x, s, alpha=-alpha, out=out)
+        return torch.addmm(u, x, s, beta=beta, alpha=-alpha, out=out)
     if x.dim() == 3:
-        return torch.baddbmm(u, x, s, alpha=-alpha, out=out)
-    return into(out, u - alpha * (x @ s))
+        return torch.baddbmm(u, x, s, beta=beta, alpha=-alpha, out=out)
+    return into(out, beta * u - alpha * (x @ s))
 
 
 def _fused_momentum_step(
@@ -301,16 +302,15 @@ def _fused_momentum_step(
     # H = X^T (a m + b g) / b: sym(H) projects, F = X^T m' = b skew(H) (A and E enter together)
     h = a_g if e is None else torch.add(a_g, e, alpha=ratio)
     h2 = h + h.mT  # 2 sym(H), the one transposed pass
-    m_new = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))  # Delta~
+    # b Delta~ = b g - (b/2) X (2 sym H), one BLAS call
+    m_new = subtract_product(g, x, h2, alpha=0.5 * b, beta=b, out=work.like("direction", x))
     norm_sq = None
     if needs_grad_norm:
-        norm_sq = _squared_norms(m_new)
+        norm_sq = _squared_norms(m_new) / (b * b)
         if e is not None:  # minus the normal part ratio * X sym(E), orthogonal to r
             norm_sq = (norm_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
-    if m is None:
-        m_new.mul_(b)
-    else:
-        m_new.mul_(b).add_(m, alpha=a)
+    if m is not None:
+        m_new.add_(m, alpha=a)
     t = step_size(norm_sq)
     t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=x.dtype, device=x.device)
     t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
@@ -328,11 +328,11 @@ def _fused_momentum_step(
     gram = moment * t2
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
     w = torch.addcmul(x, m_new, t_points, out=w)
-    upper = cholesky_upper(gram)
-    y = divide_upper(upper, w, out=work.like("stiefel_point", x))
+    inverse = invert_upper(cholesky_upper(gram))  # one factor for both products below
+    y = torch.matmul(w, inverse, out=work.like("stiefel_point", x))
     # next tracking Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H) = b (H - sym(H))
     rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-    next_tracking = solve_upper_right(upper, rhs.mT).mT  # R^-T rhs = (rhs^T R^-1)^T
+    next_tracking = inverse.mT @ rhs
     return MomentumStep(y, m_new, norm_sq, next_tracking, used)
 
 

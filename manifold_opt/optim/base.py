@@ -221,14 +221,12 @@ TRACKING_AGE = "_xtm_age"
 TRACKING_REFRESH_EVERY = 4
 
 
-@functools.cache
-def _tracking_names(momentum: str) -> tuple[str, str]:
-    return momentum + TRACKING, momentum + TRACKING_AGE
+_TRACKING_NAMES = {m: (m + TRACKING, m + TRACKING_AGE) for m in ("exp_avg", "momentum_buffer")}
 
 
 def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
     """(tracking state present, refresh due): part of a bucket key, so a bucket agrees on both."""
-    name, age = _tracking_names(momentum)
+    name, age = _TRACKING_NAMES[momentum]
     return name in state, state.get(age, 0) >= TRACKING_REFRESH_EVERY
 
 
@@ -392,6 +390,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     def _group_buckets(self, group: dict[str, Any]) -> dict[Hashable, list[Tensor]]:
         grouped: dict[Hashable, list[Tensor]] = {}
+        compiling = torch.compiler.is_compiling()  # dynamo traces through caches, and warns
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -407,7 +406,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
             state = self.state[param]
             if not state:
                 self._init_state(group, param, manifold, dtype)
-            key = (manifold, _point_shape(manifold, param.shape), dtype, param.device, self._bucket_key(state))
+            point_shape = manifold.point_shape(param.shape) if compiling else _point_shape(manifold, param.shape)
+            key = (manifold, point_shape, dtype, param.device, self._bucket_key(state))
             if param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean):
                 key = (*key, id(param))  # its own bucket: a view, nothing copied
             grouped.setdefault(key, []).append(param)

@@ -114,6 +114,8 @@ def test_raise_policy_reads_once_per_step() -> None:
     ids=["polar", "newton", "cayley", "spectrum-newton"],
 )
 def test_other_retractions_read_nothing_either(manifold) -> None:
+    """As seen by the dispatcher (torch documents that polar's eigh synchronizes a CUDA device
+    inside the kernel, where no counter sees it)."""
     w = ManifoldParameter(torch.randn(10, 4), manifold)
     for opt in (RiemannianSGD([w], lr=0.1, momentum=0.9), RiemannianAdam([w], lr=0.1)):
         for _ in range(3):

@@ -42,6 +42,7 @@ class MomentumStep:
     grad_norm_sq: Tensor | None
     tracking: Tensor | None
     tracking_used: Tensor | None = None  # the tracking state the step started from
+    finite: Tensor | None = None  # a 0-dim bool: x and momentum are finite (None: not known)
 
 
 class Workspace:

@@ -141,8 +141,7 @@ def cholesky_orthonormalize(w: Tensor, gram: Tensor, *, out: Tensor | None = Non
     with ``W``. It loses orthonormality as :math:`\operatorname{cond}(W)^2\,\varepsilon`, so
     it is meant for well-conditioned ``W`` (a retraction step). A failed factorization
     (``gram`` not positive definite, or not finite) gives NaN, never a wrong finite matrix.
-    For a tall ``W`` (``n >= 4p``) the solve is a product with the explicit ``R^{-1}``;
-    otherwise :func:`solve_upper_right`. No host synchronization.
+    The solve is :func:`divide_upper`. No host synchronization.
 
     Args:
         w: matrices, tall (``n >= p``).
@@ -163,52 +162,26 @@ def cholesky_upper(gram: Tensor) -> Tensor:
 
 def divide_upper(r: Tensor, w: Tensor, *, out: Tensor | None = None) -> Tensor:
     """:math:`W R^{-1}` for upper-triangular ``R``: a product with the explicit inverse for tall
-    ``W`` (``n >= 4p``, where the ``p x p`` inverse is cheap), else :func:`solve_upper_right`."""
+    ``W`` (``n >= 4p``: LAPACK's solve with a tall, narrow right-hand side runs far below
+    matrix-product speed on CPUs, and the ``p x p`` inverse is cheap), else LAPACK's solve."""
     n, p = w.shape[-2:]
     if n >= 4 * p:
-        inverse = solve_upper_right(r, identity_like(r).expand_as(r))
-        return torch.matmul(w, inverse, out=out)
-    return solve_upper_right(r, w, out=out)
+        return torch.matmul(w, invert_upper(r), out=out)
+    return torch.linalg.solve_triangular(r, w, upper=True, left=False, out=out)
 
 
-def solve_upper_right(r: Tensor, w: Tensor, *, out: Tensor | None = None, leaf: int | None = None) -> Tensor:
-    r""":math:`W R^{-1}` for upper-triangular ``R``, by recursive halving.
-
-    With :math:`R = \begin{pmatrix} R_{11} & R_{12} \\ 0 & R_{22}\end{pmatrix}`,
-    :math:`Y_1 = W_1 R_{11}^{-1}` and :math:`Y_2 = (W_2 - Y_1 R_{12}) R_{22}^{-1}`: all but a
-    ``leaf/p`` share of the work (``leaf`` = 16, or 32 for a lone matrix) is matrix
-    products. On one CPU thread this took 0.6 to 0.9 of the time of LAPACK's solve for
-    512 x 512 to 2048 x 1024 matrices and batches of 256 x 128 ones (``benchmarks/core_speed.py``,
-    primitives table).
-
-    Shapes: ``r (..., p, p)``, ``w (..., n, p)`` -> ``(..., n, p)``.
-    """
-    if torch.compiler.is_compiling():  # dynamo refuses out= into slices: the same recursion, concatenated
-        return _solve_upper_right_functional(r, w, leaf or 16)
-    if out is None:
-        out = torch.empty(
-            torch.broadcast_shapes(w.shape[:-2], r.shape[:-2]) + w.shape[-2:], dtype=w.dtype, device=w.device
-        )
-    if leaf is None:  # small blocks pay for batches; a lone matrix pays more for the extra calls
-        leaf = 16 if math.prod(out.shape[:-2]) > 1 else 32
-    p = r.shape[-1]
-    if p <= leaf:
-        return torch.linalg.solve_triangular(r, w, upper=True, left=False, out=out)
-    h = p // 2
-    first = solve_upper_right(r[..., :h, :h], w[..., :h], out=out[..., :h], leaf=leaf)
-    rest = w[..., h:] - first @ r[..., :h, h:]
-    solve_upper_right(r[..., h:, h:], rest, out=out[..., h:], leaf=leaf)
-    return out
-
-
-def invert_upper(r: Tensor, leaf: int = 32) -> Tensor:
-    r""":math:`R^{-1}` of upper-triangular ``R`` by recursive halving, matrix products but for
-    the ``leaf x leaf`` diagonal blocks:
+def invert_upper(r: Tensor, leaf: int | None = None) -> Tensor:
+    r""":math:`R^{-1}` of upper-triangular ``R`` by recursive halving,
     :math:`\begin{pmatrix} R_{11} & R_{12} \\ 0 & R_{22}\end{pmatrix}^{-1} =
-    \begin{pmatrix} T_{11} & -T_{11} R_{12} T_{22} \\ 0 & T_{22}\end{pmatrix}`.
+    \begin{pmatrix} T_{11} & -T_{11} R_{12} T_{22} \\ 0 & T_{22}\end{pmatrix}`: matrix
+    products but for LAPACK solves of the ``leaf x leaf`` diagonal blocks (64 for a lone
+    matrix, 32 in a batch). For ``p >= 128`` this took a third to a half of the time of
+    LAPACK's solve against the identity on one CPU thread.
 
     Shapes: ``r (..., p, p)`` -> ``(..., p, p)``.
     """
+    if leaf is None:
+        leaf = 64 if math.prod(r.shape[:-2]) <= 1 else 32
     p = r.shape[-1]
     if p <= leaf:
         return torch.linalg.solve_triangular(r, identity_like(r).expand_as(r), upper=True)
@@ -217,16 +190,6 @@ def invert_upper(r: Tensor, leaf: int = 32) -> Tensor:
     t12 = -(t11 @ r[..., :h, h:]) @ t22
     bottom = torch.cat([torch.zeros_like(t12.mT), t22], -1)
     return torch.cat([torch.cat([t11, t12], -1), bottom], -2)
-
-
-def _solve_upper_right_functional(r: Tensor, w: Tensor, leaf: int) -> Tensor:
-    p = r.shape[-1]
-    if p <= leaf:
-        return torch.linalg.solve_triangular(r, w, upper=True, left=False)
-    h = p // 2
-    first = _solve_upper_right_functional(r[..., :h, :h], w[..., :h], leaf)
-    rest = _solve_upper_right_functional(r[..., h:, h:], w[..., h:] - first @ r[..., :h, h:], leaf)
-    return torch.cat([first, rest], -1)
 
 
 def inverse_sqrt_newton(a: Tensor, iterations: int) -> Tensor:

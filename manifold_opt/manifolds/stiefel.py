@@ -12,6 +12,7 @@ from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, add_step,
 from .linalg import (
     cholesky_orthonormalize,
     cholesky_upper,
+    divide_upper,
     identity_like,
     inverse_sqrt_newton,
     invert_upper,
@@ -319,8 +320,11 @@ def _fused_momentum_step(
     if refresh:
         w = torch.addcmul(x, m_new, t_points, out=w)
         w, gram = limit_step(x, w, w.mT @ w)
-        y = cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x))
-        return MomentumStep(y, m_new, norm_sq, None, used)
+        upper = cholesky_upper(gram)
+        y = divide_upper(upper, w, out=work.like("stiefel_point", x))
+        # finite |r|^2 (from |Delta~|^2): finite Delta~, hence m'; finite factor: finite Y
+        finite = torch.isfinite(norm_sq).all() & torch.isfinite(upper).all()
+        return MomentumStep(y, m_new, norm_sq, None, used, finite)
     moment = m_new.mT @ m_new  # B
     t2 = t_points * t_points
     t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
@@ -328,12 +332,19 @@ def _fused_momentum_step(
     gram = moment * t2
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
     w = torch.addcmul(x, m_new, t_points, out=w)
-    inverse = invert_upper(cholesky_upper(gram))  # one factor for both products below
-    y = torch.matmul(w, inverse, out=work.like("stiefel_point", x))
-    # next tracking Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H) = b (H - sym(H))
-    rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-    next_tracking = inverse.mT @ rhs
-    return MomentumStep(y, m_new, norm_sq, next_tracking, used)
+    upper = cholesky_upper(gram)
+    n, p = x.shape[-2:]
+    if n < 2 * p:  # near-square: LAPACK's solve, and Y^T m' from the data (p x p products cost n x p ones here)
+        y = torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=work.like("stiefel_point", x))
+        next_tracking = y.mT @ m_new
+    else:  # one inverse serves both: Y = W R^-1 and Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H)
+        inverse = invert_upper(upper)
+        y = torch.matmul(w, inverse, out=work.like("stiefel_point", x))
+        rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
+        next_tracking = inverse.mT @ rhs
+    # B = m'^T m' finite: finite m'; finite factor (NaN when Cholesky fails) and limited step: finite Y
+    finite = torch.isfinite(moment).all() & torch.isfinite(upper).all() & torch.isfinite(next_tracking).all()
+    return MomentumStep(y, m_new, norm_sq, next_tracking, used, finite)
 
 
 def _squared_norms(a: Tensor) -> Tensor:
@@ -352,10 +363,14 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
 
     Shapes: ``x, w (..., n, p)`` tall, ``gram (..., p, p)`` -> the same.
     """
-    eye = identity_like(gram)
-    excess = gram - eye
-    shrink2 = (MAX_STEP**2 / torch.linalg.matrix_norm(excess)).clamp(max=1.0)  # NaN stays NaN
-    gram = torch.where((shrink2 < 1)[..., None, None], eye + shrink2[..., None, None] * excess, gram)
+    # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + p without forming gram - I: its rounding
+    # error (about p eps) only matters far below the limit (81)
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    size2 = torch.linalg.matrix_norm(gram).square() - 2 * diagonal.sum(-1) + gram.shape[-1]
+    shrink2 = (MAX_STEP**2 / size2.clamp_min(0).sqrt()).clamp(max=1.0)  # NaN stays NaN
+    s2 = shrink2[..., None, None]
+    gram = gram * s2  # (1 - s^2) I + s^2 gram, exactly gram when s = 1
+    gram.diagonal(dim1=-2, dim2=-1).add_(1 - shrink2[..., None])
     weight = shrink2.sqrt()[..., None, None]
     return (torch.lerp(x, w, weight) if torch.compiler.is_compiling() else torch.lerp(x, w, weight, out=w)), gram
 

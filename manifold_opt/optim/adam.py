@@ -148,7 +148,10 @@ class RiemannianAdam(BucketedOptimizer):
         if update.max_exp_avg_sq is not None:
             writes.append(StateWrite("max_exp_avg_sq", update.max_exp_avg_sq, "scalar"))
         tracked, drop, on_commit = tracking_outputs(bucket, "exp_avg", update.tracking, update.tracking_used)
-        ok = all_finite(update.x, update.momentum, update.exp_avg_sq)
+        if update.finite is not None:  # the manifold checked x and m on its small intermediates
+            ok = update.finite & torch.isfinite(update.exp_avg_sq).all()
+        else:
+            ok = all_finite(update.x, update.momentum, update.exp_avg_sq)
         return BucketUpdate(update.x, writes + tracked, ok, drop, on_commit)
 
     def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:

@@ -28,6 +28,7 @@ class Update:
     momentum: Tensor | None
     tracking: Tensor | None = None
     tracking_used: Tensor | None = None
+    finite: Tensor | None = None  # x and momentum finite, when the manifold knows it cheaply
 
 
 def _moved(manifold: Manifold, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
@@ -93,7 +94,7 @@ def sgd_update(
         refresh=refresh,
         workspace=workspace,
     )
-    return Update(step.x, step.momentum, step.tracking, step.tracking_used)
+    return Update(step.x, step.momentum, step.tracking, step.tracking_used, step.finite)
 
 
 @dataclass
@@ -163,7 +164,15 @@ def adam_update(
         refresh=refresh,
         workspace=workspace,
     )
-    return AdamUpdate(result.x, result.momentum, result.tracking, result.tracking_used, moments["v"], moments["v_max"])
+    return AdamUpdate(
+        result.x,
+        result.momentum,
+        result.tracking,
+        result.tracking_used,
+        result.finite,
+        exp_avg_sq=moments["v"],
+        max_exp_avg_sq=moments["v_max"],
+    )
 
 
 def keep_on_manifold(manifold: Manifold, x: Tensor, tangents: list[Tensor]) -> int:

@@ -132,7 +132,8 @@ class RiemannianSGD(BucketedOptimizer):
             return BucketUpdate(update.x, [], all_finite(update.x))
         writes, drop, on_commit = tracking_outputs(bucket, "momentum_buffer", update.tracking, update.tracking_used)
         writes.insert(0, StateWrite("momentum_buffer", update.momentum))
-        return BucketUpdate(update.x, writes, all_finite(update.x, update.momentum), drop, on_commit)
+        ok = update.finite if update.finite is not None else all_finite(update.x, update.momentum)
+        return BucketUpdate(update.x, writes, ok, drop, on_commit)
 
     # ------------------------------------------------------------ plain tensors
     def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:

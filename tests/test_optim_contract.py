@@ -342,3 +342,32 @@ def test_sparse_gradients_are_rejected() -> None:
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("scale", [1e17, 1e30, math.inf])
+@pytest.mark.parametrize("refresh_due", [False, True])
+def test_huge_gradients_on_stiefel_are_stepped_or_skipped_never_written_as_garbage(
+    scale: float, refresh_due: bool
+) -> None:
+    """Adam normalizes a 1e17 gradient into an ordinary step; a 1e30 one (whose square overflows
+    float32) and an infinite one skip the step, parameters and moments bit for bit unchanged,
+    both on the fused step that writes in place and on the refreshing step."""
+    w = ManifoldParameter(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), Stiefel())
+    opt = RiemannianAdam([w], lr=0.01)
+    for _ in range(3):
+        w.grad = torch.randn(40, 6)
+        opt.step()
+    opt.state[w]["exp_avg_xtm_age"] = 99 if refresh_due else 0
+    before = w.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}
+    w.grad = torch.randn(40, 6) * scale
+    opt.step()
+    assert torch.isfinite(w).all()
+    assert float(Stiefel().distance_to_manifold(w.detach())) < 2e-6
+    if scale == 1e17:
+        assert not torch.equal(w.detach(), before) and opt.skipped_steps == 0
+    else:
+        assert opt.skipped_steps == 1
+        torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt.state[w][key], moments[key], rtol=0, atol=0)

@@ -252,6 +252,7 @@ class Manifold(ABC):
         tracking: Tensor | None = None,
         refresh: bool = False,
         workspace: Workspace | None = None,
+        in_place: bool = False,
     ) -> MomentumStep:
         r"""One step of a momentum method, the part that touches the geometry.
 

@@ -161,6 +161,7 @@ class Stiefel(EmbeddedManifold):
         tracking: Tensor | None = None,
         refresh: bool = False,
         workspace: Workspace | None = None,
+        in_place: bool = False,
     ) -> MomentumStep:
         r"""The momentum step of :meth:`Manifold.momentum_step`, fused for the ``"qr"`` retraction.
 
@@ -205,13 +206,15 @@ class Stiefel(EmbeddedManifold):
                 tracking=tracking,
                 refresh=refresh,
                 workspace=workspace,
+                in_place=in_place,
             )
             return MomentumStep(
                 result.x.mT, result.momentum.mT, result.grad_norm_sq, result.tracking, result.tracking_used
             )
-        return _fused_momentum_step(
-            x, m, g, a, b, step_size, needs_grad_norm, tracking, refresh, workspace or Workspace()
-        )
+        work = workspace or Workspace()
+        if in_place and m is not None and not refresh and abs(a + b - 1) < 1e-12:
+            return _fused_momentum_step_in_place(x, m, g, b, step_size, tracking, work)
+        return _fused_momentum_step(x, m, g, a, b, step_size, needs_grad_norm, tracking, refresh, work)
 
     def exp(self, x: Tensor, u: Tensor) -> Tensor:
         r"""Exponential map of the Euclidean metric (Edelman, Arias, Smith 1998, eq. 2.45).
@@ -345,6 +348,64 @@ def _fused_momentum_step(
     # B = m'^T m' finite: finite m'; finite factor (NaN when Cholesky fails) and limited step: finite Y
     finite = torch.isfinite(moment).all() & torch.isfinite(upper).all() & torch.isfinite(next_tracking).all()
     return MomentumStep(y, m_new, norm_sq, next_tracking, used, finite)
+
+
+def _fused_momentum_step_in_place(
+    x: Tensor,
+    m: Tensor,
+    g: Tensor,
+    b: float,
+    step_size: Callable[[Tensor | None], StepSize],
+    tracking: Tensor | None,
+    work: Workspace,
+) -> MomentumStep:
+    r""":func:`_fused_momentum_step` for ``m' = (1 - b) m + b r`` (Adam), writing ``m'`` into ``m``
+    and the new points into ``x``.
+
+    Whether the step is taken is decided before anything is written, from per-point norms:
+    every :math:`\|\tilde\Delta\|^2` finite and below a quarter of the dtype's maximum. Then
+    :math:`m' = m + w(\tilde\Delta - m)` (``lerp``) stays a convex combination of finite
+    vectors below :math:`\sqrt{\max}/2` in norm, so ``B = m'^T m'`` cannot overflow and the
+    Gram matrix :math:`I + t^2 B` always has a Cholesky factor. A step not taken uses weight 0,
+    step 0 and the factor ``I``, which give back ``m`` and ``x`` exactly; :math:`\tilde\Delta`
+    is cleaned of NaN/Inf first (one pass), which replaces the selection passes over ``x`` and
+    ``m`` that writing from scratch buffers needs.
+    """
+    a_g = x.mT @ g
+    e = tracking if tracking is not None else x.mT @ m
+    ratio = (1 - b) / b
+    h = torch.add(a_g, e, alpha=ratio)
+    h2 = h + h.mT
+    delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))
+    delta_sq = _squared_norms(delta)
+    norm_sq = (delta_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
+    ok = (delta_sq < torch.finfo(delta.dtype).max / 4).all()  # False for NaN and Inf too
+    torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
+    m.lerp_(delta, ok.to(m.dtype) * b)  # m' = (1 - b) m + b Delta~, or m
+    t = step_size(norm_sq)
+    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=x.dtype, device=x.device)
+    t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
+    moment = m.mT @ m  # B, finite
+    t2 = t_points * t_points
+    t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
+    ok = ok & torch.isfinite(t2).all()
+    # a step not taken: t = 0, so the Gram matrix is I exactly, its factor I, and Y = X
+    t2 = torch.where(ok, t2, 0.0)
+    t_points = t2.sqrt().copysign(t_points)
+    gram = moment * t2
+    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B: positive definite, B being finite
+    upper = cholesky_upper(gram)
+    w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))  # exactly x where t = 0
+    n, p = x.shape[-2:]
+    if n < 2 * p:
+        torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=x)
+        next_tracking = x.mT @ m  # from the data: right whether or not the step was taken
+    else:
+        inverse = invert_upper(upper)
+        torch.matmul(w, inverse, out=x)
+        rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
+        next_tracking = torch.where(ok, inverse.mT @ rhs, e)
+    return MomentumStep(x, m, norm_sq, next_tracking, e, ok)
 
 
 def _squared_norms(a: Tensor) -> Tensor:

@@ -142,6 +142,8 @@ class RiemannianAdam(BucketedOptimizer):
             maximize=group["maximize"],
             tracking=tracking,
             refresh=refresh,
+            # writing into the bucket's own tensors is safe when each bucket is written at once
+            in_place=self.nonfinite == "skip" and not torch.compiler.is_compiling(),
             workspace=workspace,
         )
         writes = [StateWrite("exp_avg", update.momentum), StateWrite("exp_avg_sq", update.exp_avg_sq, "scalar")]

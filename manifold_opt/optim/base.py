@@ -176,7 +176,8 @@ def _write(targets: list[Tensor], old: Tensor, old_is_view: bool, new: Tensor, o
         for target, piece in zip(targets, pieces):
             target.copy_(piece.view_as(target))
         return
-    select(old, new, ok)
+    if new is not old:  # else the update was written into the bucket's own tensor already
+        select(old, new, ok)
     if old_is_view:
         return
     if same_shapes:

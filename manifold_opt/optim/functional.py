@@ -122,6 +122,7 @@ def adam_update(
     maximize: bool,
     tracking: Tensor | None = None,
     refresh: bool = False,
+    in_place: bool = False,
     workspace: Workspace,
 ) -> AdamUpdate:
     r"""One step of Riemannian Adam (Bécigneul & Ganea, ICLR 2019).
@@ -136,6 +137,7 @@ def adam_update(
     the step number ``k >= 1`` of each point (a tensor broadcasting against ``v``), so the
     bias corrections are computed on the device. The step size of each point enters the
     retraction as its ``t`` (:meth:`~manifold_opt.manifolds.Manifold.momentum_step`).
+    With ``in_place`` the manifold may write into ``x`` and ``exp_avg`` (see there).
     """
     g = grad.neg() if maximize else grad
     if weight_decay != 0:
@@ -163,6 +165,7 @@ def adam_update(
         tracking=tracking,
         refresh=refresh,
         workspace=workspace,
+        in_place=in_place,
     )
     return AdamUpdate(
         result.x,

@@ -188,9 +188,12 @@ class Stiefel(EmbeddedManifold):
         working precision) and no tracking state is returned, so the next step forms ``E``
         from the data. Without ``tracking`` ``E`` is formed from the data (one more product).
         """
-        if self.retraction != "qr" or b == 0 or not needs_grad_norm:
-            # without Adam's gradient norm the composition needs four products too (X^T h, the
-            # projection, the Gram matrix, the solve) and no tracking state
+        n, p = max(x.shape[-2:]), min(x.shape[-2:])
+        # without Adam's gradient norm the composition needs four products too (X^T h, the
+        # projection, the Gram matrix, the solve) and no tracking state; the fused step still
+        # pays on tall points written in place, where it saves passes over n x p tensors
+        in_place_sgd = in_place and m is not None and n >= 2 * p and 0 <= a < 1
+        if self.retraction != "qr" or b == 0 or not (needs_grad_norm or in_place_sgd):
             return super().momentum_step(
                 x, m, g, a, b, step_size=step_size, needs_grad_norm=needs_grad_norm, workspace=workspace
             )
@@ -209,11 +212,16 @@ class Stiefel(EmbeddedManifold):
                 in_place=in_place,
             )
             return MomentumStep(
-                result.x.mT, result.momentum.mT, result.grad_norm_sq, result.tracking, result.tracking_used
+                result.x.mT,
+                result.momentum.mT,
+                result.grad_norm_sq,
+                result.tracking,
+                result.tracking_used,
+                result.finite,
             )
         work = workspace or Workspace()
-        if in_place and m is not None and not refresh and abs(a + b - 1) < 1e-12:
-            return _fused_momentum_step_in_place(x, m, g, b, step_size, tracking, work)
+        if in_place and m is not None and 0 <= a < 1:
+            return _fused_momentum_step_in_place(x, m, g, a, b, step_size, needs_grad_norm, tracking, refresh, work)
         return _fused_momentum_step(x, m, g, a, b, step_size, needs_grad_norm, tracking, refresh, work)
 
     def exp(self, x: Tensor, u: Tensor) -> Tensor:
@@ -354,37 +362,54 @@ def _fused_momentum_step_in_place(
     x: Tensor,
     m: Tensor,
     g: Tensor,
+    a: float,
     b: float,
     step_size: Callable[[Tensor | None], StepSize],
+    needs_grad_norm: bool,
     tracking: Tensor | None,
+    refresh: bool,
     work: Workspace,
 ) -> MomentumStep:
-    r""":func:`_fused_momentum_step` for ``m' = (1 - b) m + b r`` (Adam), writing ``m'`` into ``m``
-    and the new points into ``x``.
+    r""":func:`_fused_momentum_step` with ``0 <= a < 1``, writing ``m'`` into ``m`` and the new
+    points into ``x`` (with ``refresh``, from the Gram matrix of ``W`` itself, and the next
+    tracking state from the data).
 
     Whether the step is taken is decided before anything is written, from per-point norms:
-    every :math:`\|\tilde\Delta\|^2` finite and below a quarter of the dtype's maximum. Then
-    :math:`m' = m + w(\tilde\Delta - m)` (``lerp``) stays a convex combination of finite
-    vectors below :math:`\sqrt{\max}/2` in norm, so ``B = m'^T m'`` cannot overflow and the
-    Gram matrix :math:`I + t^2 B` always has a Cholesky factor. A step not taken uses weight 0,
-    step 0 and the factor ``I``, which give back ``m`` and ``x`` exactly; :math:`\tilde\Delta`
-    is cleaned of NaN/Inf first (one pass), which replaces the selection passes over ``x`` and
-    ``m`` that writing from scratch buffers needs.
+    every :math:`\|\tilde\Delta\|` finite and below :math:`\tfrac{1-a}{b} K`,
+    :math:`K = \sqrt{\max}/2` for the dtype's maximum. Then :math:`\|m\| < K` holds at
+    every step (:math:`a\|m\| + b\|\tilde\Delta\| < K`), so ``B = m'^T m'`` cannot overflow
+    and the Gram matrix :math:`I + t^2 B` always has a Cholesky factor. A step not taken uses
+    weights (1, 0), step 0 and thus the factor ``I``, which give back ``m`` and ``x`` exactly;
+    :math:`\tilde\Delta` is cleaned of NaN/Inf first (one pass), which replaces the selection
+    passes over ``x`` and ``m`` that writing from scratch buffers needs.
     """
     a_g = x.mT @ g
     e = tracking if tracking is not None else x.mT @ m
-    ratio = (1 - b) / b
+    ratio = a / b
     h = torch.add(a_g, e, alpha=ratio)
     h2 = h + h.mT
     delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))
     delta_sq = _squared_norms(delta)
-    norm_sq = (delta_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
-    ok = (delta_sq < torch.finfo(delta.dtype).max / 4).all()  # False for NaN and Inf too
+    norm_sq = None
+    if needs_grad_norm:
+        norm_sq = (delta_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
+    bound = ((1 - a) / b) ** 2 * torch.finfo(delta.dtype).max / 4
+    ok = (delta_sq < bound).all()  # False for NaN and Inf too
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
-    m.lerp_(delta, ok.to(m.dtype) * b)  # m' = (1 - b) m + b Delta~, or m
+    if abs(a + b - 1) < 1e-12:
+        m.lerp_(delta, ok.to(m.dtype) * b)  # m' = a m + b Delta~, or m
+    else:
+        m.mul_(torch.where(ok, a, 1.0).to(m.dtype)).addcmul_(delta, ok.to(m.dtype) * b)
     t = step_size(norm_sq)
     t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=x.dtype, device=x.device)
     t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
+    if refresh:  # the Gram matrix of W itself (re-orthonormalizes), the next tracking state from the data
+        ok = ok & torch.isfinite(t_points).all()
+        w = torch.addcmul(x, m, torch.where(ok, t_points, 0.0), out=work.like("stiefel_step", x))
+        w, gram = limit_step(x, w, w.mT @ w)
+        upper = torch.where(ok, cholesky_upper(gram), identity_like(gram))  # factor I: Y = X exactly
+        divide_upper(upper, w, out=x)
+        return MomentumStep(x, m, norm_sq, x.mT @ m, e, ok)
     moment = m.mT @ m  # B, finite
     t2 = t_points * t_points
     t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]

@@ -149,7 +149,7 @@ class RiemannianAdam(BucketedOptimizer):
         writes = [StateWrite("exp_avg", update.momentum), StateWrite("exp_avg_sq", update.exp_avg_sq, "scalar")]
         if update.max_exp_avg_sq is not None:
             writes.append(StateWrite("max_exp_avg_sq", update.max_exp_avg_sq, "scalar"))
-        tracked, drop, on_commit = tracking_outputs(bucket, "exp_avg", update.tracking, update.tracking_used)
+        tracked, drop, on_commit = tracking_outputs(bucket, "exp_avg", update.tracking, update.tracking_used, refresh)
         if update.finite is not None:  # the manifold checked x and m on its small intermediates
             ok = update.finite & torch.isfinite(update.exp_avg_sq).all()
         else:

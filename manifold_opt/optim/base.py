@@ -243,10 +243,11 @@ def tracking_inputs(bucket: Bucket, momentum: str) -> tuple[Tensor | None, bool]
 
 
 def tracking_outputs(
-    bucket: Bucket, momentum: str, tracking: Tensor | None, used: Tensor | None
+    bucket: Bucket, momentum: str, tracking: Tensor | None, used: Tensor | None, refreshed: bool
 ) -> tuple[list[StateWrite], tuple[str, ...], Callable[[], None] | None]:
     """Writes, deletions and host bookkeeping for a new tracking state (``used``: the one the
-    step started from, kept where the step is skipped)."""
+    step started from, kept where the step is skipped; ``refreshed``: this step was asked to
+    rebuild it, which restarts its age)."""
     name, age = momentum + TRACKING, momentum + TRACKING_AGE
     if tracking is None:
         if not any(age in state for state in bucket.states):
@@ -260,7 +261,7 @@ def tracking_outputs(
 
     def advance() -> None:
         for state in bucket.states:
-            state[age] = state.get(age, 0) + 1
+            state[age] = 0 if refreshed else state.get(age, 0) + 1
 
     return [StateWrite(name, tracking, tuple(tracking.shape[1:]), used)], (), advance
 

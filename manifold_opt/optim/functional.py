@@ -51,6 +51,7 @@ def sgd_update(
     maximize: bool,
     tracking: Tensor | None = None,
     refresh: bool = False,
+    in_place: bool = False,
     workspace: Workspace,
 ) -> Update:
     r"""One step of Riemannian SGD (Bonnabel 2013) with momentum transported along the step.
@@ -93,6 +94,7 @@ def sgd_update(
         tracking=tracking,
         refresh=refresh,
         workspace=workspace,
+        in_place=in_place and not first,
     )
     return Update(step.x, step.momentum, step.tracking, step.tracking_used, step.finite)
 

@@ -126,11 +126,14 @@ class RiemannianSGD(BucketedOptimizer):
             maximize=group["maximize"],
             tracking=tracking,
             refresh=refresh,
+            in_place=self.nonfinite == "skip" and not torch.compiler.is_compiling(),
             workspace=workspace,
         )
         if update.momentum is None:
             return BucketUpdate(update.x, [], all_finite(update.x))
-        writes, drop, on_commit = tracking_outputs(bucket, "momentum_buffer", update.tracking, update.tracking_used)
+        writes, drop, on_commit = tracking_outputs(
+            bucket, "momentum_buffer", update.tracking, update.tracking_used, refresh
+        )
         writes.insert(0, StateWrite("momentum_buffer", update.momentum))
         ok = update.finite if update.finite is not None else all_finite(update.x, update.momentum)
         return BucketUpdate(update.x, writes, ok, drop, on_commit)

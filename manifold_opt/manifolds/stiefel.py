@@ -192,7 +192,7 @@ class Stiefel(EmbeddedManifold):
         # without Adam's gradient norm the composition needs four products too (X^T h, the
         # projection, the Gram matrix, the solve) and no tracking state; the fused step still
         # pays on tall points written in place, where it saves passes over n x p tensors
-        in_place_sgd = in_place and m is not None and n >= 2 * p and 0 <= a < 1
+        in_place_sgd = in_place and m is not None and n >= 4 * p and 0 <= a < 1
         if self.retraction != "qr" or b == 0 or not (needs_grad_norm or in_place_sgd):
             return super().momentum_step(
                 x, m, g, a, b, step_size=step_size, needs_grad_norm=needs_grad_norm, workspace=workspace

@@ -1,7 +1,8 @@
-"""Run every benchmark: ``python -m benchmarks [--quick] [topic ...]``.
+"""Run every benchmark: ``python -m benchmarks [--quick] [--device cuda] [topic ...]``.
 
 Each topic is a module ``benchmarks/<topic>.py`` with a ``main()``; it runs in its own
-process and writes its tables and plots to ``benchmarks/results/``.
+process and writes its tables and plots to ``benchmarks/results/``. ``--device`` goes to
+the topics that take one (those whose source defines a ``--device`` option).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ def topics() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in NOT_TOPICS)
 
 
+def takes_device(topic: str) -> bool:
+    return '"--device"' in (HERE / f"{topic}.py").read_text()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the benchmarks (all, or the topics named).")
     parser.add_argument("topics", nargs="*", help=f"any of: {', '.join(topics())}")
     parser.add_argument("--quick", action="store_true", help="small runs (a few minutes in all)")
+    parser.add_argument("--device", default="cpu", help="device for the topics that take one (e.g. cuda)")
     args = parser.parse_args()
     chosen = args.topics or topics()
     unknown = sorted(set(chosen) - set(topics()))
@@ -34,6 +40,11 @@ def main() -> None:
         print(f"[{index}/{len(chosen)}] benchmarks.{topic}", flush=True)
         start = time.perf_counter()
         command = [sys.executable, "-m", f"benchmarks.{topic}"] + (["--quick"] if args.quick else [])
+        if args.device != "cpu":
+            if not takes_device(topic):
+                print(f"    skipped: does not take --device {args.device}", flush=True)
+                continue
+            command += ["--device", args.device]
         result = subprocess.run(command, cwd=HERE.parent, stdout=subprocess.DEVNULL, check=False)
         status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
         print(f"    {status} in {time.perf_counter() - start:.0f} s", flush=True)

@@ -41,21 +41,49 @@ def time_interleaved(
     """Median seconds per call of each function, timed round-robin (one repeat of every
     function, then the next repeat), so that a change of machine speed during the run
     affects all of them alike and their ratios stay meaningful."""
+    samples = time_interleaved_samples(functions, repeats=repeats, min_seconds=min_seconds, warmup=warmup)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_interleaved_samples(
+    functions: dict[Hashable, Callable[[], Any]],
+    *,
+    repeats: int = 7,
+    min_seconds: float = 0.05,
+    warmup: int = 2,
+    synchronize: Callable[[], Any] | None = None,
+) -> dict[Hashable, list[float]]:
+    """Seconds per call of each function in every repeat, timed round-robin as in :func:`time_interleaved`.
+
+    ``samples[name][i]`` is repeat ``i`` of ``name``: the mean over as many calls as fill
+    ``min_seconds`` (one call when a call takes longer), after ``warmup`` untimed calls. Entry
+    ``i`` of every function was measured in the same pass, so per-repeat ratios
+    (:func:`median_ratio`) cancel a change of machine speed between passes. ``synchronize``
+    (e.g. ``torch.cuda.synchronize``) is called before the clock starts and after the loop,
+    before the clock is read.
+    """
+    sync = synchronize or (lambda: None)
     for function in functions.values():
         for _ in range(warmup):
             function()
     samples: dict[Hashable, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
+            sync()
             count, start = 0, time.perf_counter()
-            while True:
+            while time.perf_counter() - start < min_seconds or count == 0:
                 function()
                 count += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds:
-                    break
-            samples[name].append(elapsed / count)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            sync()
+            samples[name].append((time.perf_counter() - start) / count)
+    return samples
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """Median over repeats of ``numerators[i] / denominators[i]`` (samples of the same pass)."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"{len(numerators)} numerators against {len(denominators)} denominators")
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def mean_std(values: Sequence[float], digits: int = 2) -> str:

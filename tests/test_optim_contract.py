@@ -246,6 +246,34 @@ def test_bucketed_step_equals_one_optimizer_per_parameter(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_of_a_stacked_bucket_edited_or_replaced_by_the_user_is_used(name: str) -> None:
+    # after its first step a bucket keeps its parameters' states as pieces of one buffer;
+    # an in-place edit or a replaced tensor must be seen by the next step as by torch.optim
+    momentum = "momentum_buffer" if name == "sgd" else "exp_avg"
+    stepped = {}
+    for layout in ("bucketed", "looped"):
+        model = mixed_model(F64)
+        opts = [OPTIMIZERS[name](model.parameters())]
+        if layout == "looped":
+            opts = [OPTIMIZERS[name]([p]) for p in model.parameters()]
+        for step in range(6):
+            for opt in opts:
+                opt.zero_grad()
+            model_loss(model, step).backward()
+            for opt in opts:
+                opt.step()
+            if step == 2:
+                state = next(opt.state[model.tall_twin] for opt in opts if model.tall_twin in opt.state)
+                state[momentum] = torch.zeros_like(state[momentum])
+            if step == 3:
+                state = next(opt.state[model.tall] for opt in opts if model.tall in opt.state)
+                state[momentum].mul_(-2.0)
+        stepped[layout] = model
+    for a, b in zip(stepped["bucketed"].parameters(), stepped["looped"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_mixed_model_stays_on_its_manifolds(name: str) -> None:
     model = mixed_model()
     opt = OPTIMIZERS[name](model.parameters())

@@ -19,6 +19,8 @@ from .base import (
     StateWrite,
     all_finite,
     check_nonnegative,
+    flat_base,
+    mark_flat,
     tracking_inputs,
     tracking_key,
     tracking_outputs,
@@ -158,7 +160,17 @@ class RiemannianAdam(BucketedOptimizer):
 
     def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:
         steps = [state["step"] for state in bucket.states]
-        torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))
+        base = flat_base(steps) if len(steps) > 1 and not torch.compiler.is_compiling() else None
+        if base is not None:
+            base.add_(ok)
+        elif len(steps) > 1 and not torch.compiler.is_compiling():
+            stacked = torch.stack(steps).add_(ok)  # the counts become pieces of one buffer
+            pieces = list(stacked.unbind(0))
+            for state, piece in zip(bucket.states, pieces):
+                state["step"] = piece
+            mark_flat(pieces)
+        else:
+            torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))
 
     # ------------------------------------------------------------ plain tensors
     def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -204,7 +216,10 @@ def _points_steps(bucket: Bucket, steps: list[Tensor]) -> Tensor:
     trailing = (1,) * bucket.manifold.point_ndim
     if len(steps) == 1:
         return steps[0].to(bucket.dtype).reshape(1, *trailing)
+    base = None if torch.compiler.is_compiling() else flat_base(steps)
+    per_param = (torch.stack(steps) if base is None else base).to(bucket.dtype)
+    if bucket.same_shapes and per_param.numel() == bucket.x.shape[0]:  # one point per parameter
+        return per_param.reshape(-1, *trailing)
     counts = [math.prod(bucket.manifold.batch_shape(p.shape)) for p in bucket.params]
-    per_param = torch.stack(steps).to(bucket.dtype)
     repeated = per_param.repeat_interleave(torch.tensor(counts, device=per_param.device), output_size=sum(counts))
     return repeated.reshape(-1, *trailing)

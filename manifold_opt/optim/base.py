@@ -18,7 +18,6 @@ anything is written, so a step that raises changes nothing.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -51,9 +50,26 @@ def manifold_of(parameter: Tensor) -> Manifold:
     raise TypeError(f"parameter of shape {tuple(parameter.shape)} has an unknown .manifold of type {type(manifold)}")
 
 
-@functools.lru_cache(maxsize=4096)
-def _point_shape(manifold: Manifold, shape: torch.Size) -> tuple[int, ...]:
-    return manifold.point_shape(shape)
+@dataclass(frozen=True)
+class _StaticKey:
+    """The state-independent part of a parameter's bucket key (see ``_group_buckets``)."""
+
+    id: int
+    manifold: Manifold
+    point_shape: tuple[int, ...]
+    dtype: torch.dtype  # the geometry dtype
+    device: torch.device
+    own_bucket: bool
+    shape: torch.Size
+    param_dtype: torch.dtype
+
+    def matches(self, param: Tensor, manifold: Manifold) -> bool:
+        return (
+            manifold is self.manifold
+            and param.dtype is self.param_dtype
+            and param.shape == self.shape
+            and param.device == self.device
+        )
 
 
 def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
@@ -90,7 +106,7 @@ class Bucket:
 
     def __post_init__(self) -> None:
         first = self.params[0].shape
-        self._same_shapes = all(p.shape == first for p in self.params)
+        self.same_shapes = all(p.shape == first for p in self.params)
         self.x, self._x_is_view = self._points(self.params, "tangent")  # steps run under no_grad
         self.grad, _ = self._points([p.grad for p in self.params], "tangent")
 
@@ -108,7 +124,10 @@ class Bucket:
             if tensor.dtype == self.dtype and tensor.is_contiguous():
                 return tensor.view(-1, *shape), True
             return tensor.to(self.dtype).reshape(-1, *shape), False
-        if self._same_shapes:  # one stack, no per-tensor reshape
+        base = flat_base(tensors)
+        if base is not None and base.dtype == self.dtype:  # states stored as pieces of one buffer
+            return base.view(-1, *shape), True
+        if self.same_shapes:  # one stack, no per-tensor reshape
             return torch.stack(tensors).to(self.dtype).view(-1, *shape), False
         return torch.cat([t.reshape(-1) for t in tensors]).to(self.dtype).view(-1, *shape), False
 
@@ -125,7 +144,7 @@ class Bucket:
 
     def write_params(self, new: Tensor, ok: Tensor) -> None:
         """Store the new points where ``ok`` (a 0-dim bool tensor); elsewhere nothing changes."""
-        _write(list(self.params), self.x, self._x_is_view, new, ok, self._same_shapes)
+        _write(list(self.params), self.x, self._x_is_view, new, ok, self.same_shapes)
 
     def write_state(self, write: StateWrite, ok: Tensor) -> None:
         """Store a new state where ``ok``. A state written for the first time is created, with
@@ -135,13 +154,32 @@ class Bucket:
         if any(target is None for target in targets):
             fallback = write.fallback if write.fallback is not None else torch.zeros((), dtype=new.dtype)
             fresh = torch.where(ok, new, fallback.to(new.device))
-            trailing = math.prod(self._trailing(write.layout))
-            sizes = [self._batch_numel(p) * trailing for p in self.params]
-            for state, param, piece in zip(self.states, self.params, torch.split(fresh.reshape(-1), sizes)):
-                state[name] = piece.reshape(self._shape(param, write.layout)).clone()
+            if len(self.params) == 1:
+                self.states[0][name] = fresh.reshape(self._shape(self.params[0], write.layout))
+            else:
+                self._store_pieces(name, fresh, write.layout)
             return
         old, is_view = self._old[name] if name in self._old else self._points(targets, write.layout)
-        _write(targets, old, is_view, new, ok, self._same_shapes)
+        if is_view or torch.compiler.is_compiling():
+            _write(targets, old, is_view, new, ok, self.same_shapes)
+            return
+        if new is not old:
+            select(old, new, ok)
+        # ``old`` is this step's own stacked copy: the states become its pieces, so the next
+        # step finds them in one buffer and neither stacks nor copies back
+        self._store_pieces(name, old, write.layout)
+
+    def _store_pieces(self, name: str, buffer: Tensor, layout: Layout) -> None:
+        """``state[name]`` of every parameter := its piece (a view) of the contiguous ``buffer``."""
+        trailing = math.prod(self._trailing(layout))
+        sizes = [self._batch_numel(p) * trailing for p in self.params]
+        pieces = [
+            piece.view(self._shape(param, layout))
+            for param, piece in zip(self.params, torch.split(buffer.reshape(-1), sizes))
+        ]
+        for state, piece in zip(self.states, pieces):
+            state[name] = piece
+        mark_flat(pieces)
 
     def drop_state(self, name: str) -> None:
         for state in self.states:
@@ -155,6 +193,23 @@ class Bucket:
             return tuple(param.shape)
         batch = self.manifold.batch_shape(param.shape)
         return tuple(batch) if layout == "scalar" else (*batch, *layout)
+
+
+def mark_flat(pieces: list[Tensor]) -> None:
+    """Record that ``pieces`` (views, in order) tile their common base; see :func:`flat_base`."""
+    pieces[0]._base._flat_piece_ids = tuple(map(id, pieces))
+
+
+def flat_base(tensors: list[Tensor]) -> Tensor | None:
+    """The contiguous buffer ``tensors`` are the pieces of, in order (as stored by
+    :func:`mark_flat`), or None. Stacking the tensors would copy exactly that buffer."""
+    base = tensors[0]._base
+    if base is None:
+        return None
+    ids = getattr(base, "_flat_piece_ids", None)
+    if ids is None or len(ids) != len(tensors) or any(t._base is not base for t in tensors):
+        return None
+    return base if tuple(map(id, tensors)) == ids else None
 
 
 def select(old: Tensor, new: Tensor, ok: Tensor) -> Tensor:
@@ -317,6 +372,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.reprojected_points = 0
         self._skipped: dict[torch.device, Tensor] = {}
         self._workspace = Workspace()
+        self._static_keys: dict[Tensor, _StaticKey] = {}
+        self._static_ids: dict[tuple[Any, ...], int] = {}
         super().__init__(params, defaults)
 
     @property
@@ -378,12 +435,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self._prepare_step()
         pending: list[_Pending] = []
         for group in self.param_groups:
-            for key, params in self._group_buckets(group).items():
-                manifold, point_shape, dtype = key[:3]
-                if isinstance(manifold, Euclidean):
-                    pending.append(self._plain_bucket(group, params, dtype))
+            for static, *params in self._group_buckets(group).values():
+                if isinstance(static.manifold, Euclidean):
+                    pending.append(self._plain_bucket(group, params, static.dtype))
                 else:
-                    pending.append(self._manifold_bucket(group, manifold, point_shape, dtype, params))
+                    pending.append(
+                        self._manifold_bucket(group, static.manifold, static.point_shape, static.dtype, params)
+                    )
                 if self.nonfinite == "skip":
                     pending.pop().commit()
         if pending:
@@ -391,29 +449,48 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _group_buckets(self, group: dict[str, Any]) -> dict[Hashable, list[Tensor]]:
+        """The group's parameters with gradients, by bucket key (see :meth:`_static_key`)."""
         grouped: dict[Hashable, list[Tensor]] = {}
         compiling = torch.compiler.is_compiling()  # dynamo traces through caches, and warns
         for param in group["params"]:
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            if param.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if param.is_complex():
-                raise TypeError(
-                    f"{type(self).__name__} does not support complex parameters (got one of shape "
-                    f"{tuple(param.shape)}, {param.dtype}); optimize torch.view_as_real(...) of it instead"
-                )
             manifold = self._manifold(param)
-            dtype = geometry_dtype(manifold, param.dtype)
+            if compiling:
+                static = self._static_key(param, manifold)
+            else:
+                static = self._static_keys.get(param)
+                if static is None or not static.matches(param, manifold):
+                    static = self._static_keys[param] = self._static_key(param, manifold)
             state = self.state[param]
             if not state:
-                self._init_state(group, param, manifold, dtype)
-            point_shape = manifold.point_shape(param.shape) if compiling else _point_shape(manifold, param.shape)
-            key = (manifold, point_shape, dtype, param.device, self._bucket_key(state))
-            if param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean):
+                self._init_state(group, param, manifold, static.dtype)
+            key = (static.id, self._bucket_key(state))
+            if static.own_bucket:
                 key = (*key, id(param))  # its own bucket: a view, nothing copied
-            grouped.setdefault(key, []).append(param)
+            entry = grouped.get(key)
+            if entry is None:
+                grouped[key] = entry = [static]
+            entry.append(param)
         return grouped
+
+    def _static_key(self, param: Tensor, manifold: Manifold) -> _StaticKey:
+        """What a parameter's bucket depends on besides its state, computed once per parameter
+        and reused while its manifold object, shape, dtype and device stay the same."""
+        if param.is_complex():
+            raise TypeError(
+                f"{type(self).__name__} does not support complex parameters (got one of shape "
+                f"{tuple(param.shape)}, {param.dtype}); optimize torch.view_as_real(...) of it instead"
+            )
+        dtype = geometry_dtype(manifold, param.dtype)
+        value = (manifold, manifold.point_shape(param.shape), dtype, param.device)
+        # equal manifolds (by value) share one small integer, so grouping never hashes a manifold
+        number = self._static_ids.setdefault(value, len(self._static_ids))
+        own_bucket = param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean)
+        return _StaticKey(number, *value, own_bucket, param.shape, param.dtype)
 
     def _manifold_bucket(
         self, group: dict[str, Any], manifold: Manifold, point_shape: tuple[int, ...], dtype: torch.dtype, params

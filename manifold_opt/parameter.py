@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -17,8 +20,18 @@ class ManifoldParameter(torch.nn.Parameter):
     plain tensors (as for ``nn.Parameter``) and the optimizers read ``.manifold`` to pick
     the geometry; a ``state_dict`` holds plain tensors, so a checkpoint loads into the
     same model built again (the manifold stays on the parameter) or into a plain model.
-    It survives ``copy.deepcopy``, pickling, ``module.to(...)`` and
-    ``torch.load(..., weights_only=True)`` (the class is registered as a safe global).
+    It survives ``copy.deepcopy`` and pickling (with any attribute set on it, as
+    ``nn.Parameter``), ``module.to(...)``, ``torch.load(..., weights_only=True)`` (the class
+    is registered as a safe global) and ``module.load_state_dict(...)``, also with
+    ``assign=True`` and with torch's swap-tensors loading
+    (``torch.__future__.set_swap_module_params_on_conversion(True)``). Values that
+    ``load_state_dict`` brings in are kept as they are when they lie on the manifold (to
+    :func:`load_tolerance`, so a checkpoint resumes bit for bit); values farther off are
+    projected onto it with a warning naming the shape. Other writes (``param.copy_(...)``,
+    ``param.data = ...``) are the user's: :func:`~manifold_opt.checks.manifold_residuals`
+    tells how far off each parameter is.
+    Should anything else replace it by a plain ``nn.Parameter``, the next optimizer step
+    raises rather than step it without its manifold.
 
     Args:
         data: initial value, in the parameter layout (e.g. a conv kernel).
@@ -26,8 +39,8 @@ class ManifoldParameter(torch.nn.Parameter):
         requires_grad: as for ``nn.Parameter``.
 
     Raises:
-        ValueError: if the shape cannot lie on the manifold, or the data has no nearest
-            point on it (e.g. an all-zero point of a sphere).
+        ValueError: if the shape cannot lie on the manifold, the data is not finite, or it
+            has no nearest point on it (e.g. an all-zero point of a sphere).
 
     Example:
         >>> import torch
@@ -64,14 +77,72 @@ class ManifoldParameter(torch.nn.Parameter):
     def __deepcopy__(self, memo: dict[int, Any]) -> ManifoldParameter:
         if id(self) in memo:
             return memo[id(self)]
-        result = _rebuild_manifold_parameter(
-            self.data.clone(memory_format=torch.preserve_format), self.manifold, self.requires_grad
-        )
+        data = self.data.clone(memory_format=torch.preserve_format)
+        result = _rebuild_manifold_parameter(data, self.manifold, self.requires_grad)
         memo[id(self)] = result
+        for key, value in self.__dict__.items():
+            if key != "manifold":
+                setattr(result, key, copy.deepcopy(value, memo))
         return result
 
     def __reduce_ex__(self, protocol: int) -> tuple:
-        return (_rebuild_manifold_parameter, (self.data, self.manifold, self.requires_grad))
+        extra = {key: value for key, value in self.__dict__.items() if key != "manifold"}
+        return (_rebuild_manifold_parameter, (self.data, self.manifold, self.requires_grad, extra))
+
+    # torch's swap-tensors conversions (Module._apply) wrap ``fn(param)`` in nn.Parameter, which
+    # for a subclass calls ``detach()`` and wants the same type back: inside those calls, and
+    # only there, conversions and detach return a ManifoldParameter on the same manifold
+    def detach(self) -> Tensor:
+        out = torch.Tensor.detach(self)
+        return self._keep_manifold(out) if _called_from(_PARAMETER_NEW, 1) else out
+
+    def to(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.to(self, *args, **kwargs))
+
+    def cuda(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.cuda(self, *args, **kwargs))
+
+    def cpu(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.cpu(self, *args, **kwargs))
+
+    def float(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.float(self, *args, **kwargs))
+
+    def double(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.double(self, *args, **kwargs))
+
+    def half(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.half(self, *args, **kwargs))
+
+    def bfloat16(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._converted(torch.Tensor.bfloat16(self, *args, **kwargs))
+
+    def _converted(self, out: Tensor) -> Tensor:
+        if out is self or isinstance(out, ManifoldParameter) or not _called_from(_MODULE_APPLY, 2):
+            return out
+        return self._keep_manifold(out)
+
+    def _keep_manifold(self, data: Tensor) -> ManifoldParameter:
+        extra = {key: value for key, value in self.__dict__.items() if key != "manifold"}
+        return _rebuild_manifold_parameter(data, self.manifold, data.requires_grad, extra)
+
+    def module_load(self, other: Tensor, assign: bool = False) -> ManifoldParameter:
+        """``load_state_dict`` under swap-tensors loading: a ManifoldParameter on the same
+        manifold holding ``other``'s values (``assign=True``: ``other``'s tensor itself)."""
+        with torch.no_grad():
+            data = other.detach() if assign else torch.Tensor.detach(self).clone().copy_(other)
+            data = _onto_manifold_when_loaded(data, self.manifold)
+        extra = {key: value for key, value in self.__dict__.items() if key != "manifold"}
+        return _rebuild_manifold_parameter(data, self.manifold, self.requires_grad, extra)
+
+    def copy_(self, src: Tensor, non_blocking: bool = False) -> Tensor:
+        out = torch.Tensor.copy_(self, src, non_blocking)
+        if _called_from(_LOAD_FROM_STATE_DICT, 1, depth=1):  # load_state_dict's default path
+            with torch.no_grad():
+                projected = _onto_manifold_when_loaded(torch.Tensor.detach(self), self.manifold)
+                if projected is not None and projected.data_ptr() != self.data_ptr():
+                    torch.Tensor.copy_(self, projected)
+        return out
 
     def __repr__(self) -> str:
         return f"ManifoldParameter on {self.manifold!r} containing:\n{torch.Tensor.__repr__(self.data)}"
@@ -84,6 +155,11 @@ def _project_checked(data: Tensor, manifold: Manifold) -> Tensor:
     manifold.point_shape(data.shape)  # raises a ValueError naming the shape
     if data.numel() == 0:
         return data
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError(
+            f"data of shape {tuple(data.shape)} for a ManifoldParameter on {manifold!r} has NaN or Inf entries: "
+            "initialize it with finite values (e.g. a random full-rank tensor)"
+        )
     geometry_dtype = torch.promote_types(data.dtype, torch.float32)
     projected = manifold.project_parameter(data.to(geometry_dtype))
     residual = float(manifold.parameter_distance(projected))
@@ -95,8 +171,77 @@ def _project_checked(data: Tensor, manifold: Manifold) -> Tensor:
     return projected.to(data.dtype)
 
 
-def _rebuild_manifold_parameter(data: Tensor, manifold: Manifold, requires_grad: bool) -> ManifoldParameter:
-    """Unpickling hook: rebuild without projecting again (the data is already on the manifold)."""
+def load_tolerance(dtype: torch.dtype) -> float:
+    """Distance to its manifold below which a loaded value is kept as it is: ``1e-5``, or
+    ``64 eps`` in half precision (whose rounding alone moves a point that far)."""
+    return max(1e-5, 64 * torch.finfo(dtype).eps)
+
+
+def _onto_manifold_when_loaded(data: Tensor, manifold: Any) -> Tensor:
+    """``data`` itself when it lies on ``manifold`` (to :func:`load_tolerance`), else its
+    projection, with a warning; non-finite values raise."""
+    if not isinstance(manifold, Manifold) or data.numel() == 0 or not data.is_floating_point():
+        return data
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError(
+            f"load_state_dict: the value for a ManifoldParameter of shape {tuple(data.shape)} on {manifold!r} has "
+            "NaN or Inf entries"
+        )
+    distance = float(manifold.parameter_distance(data.to(torch.promote_types(data.dtype, torch.float32))))
+    if distance <= load_tolerance(data.dtype):
+        return data
+    warnings.warn(
+        f"load_state_dict: the value for a ManifoldParameter of shape {tuple(data.shape)} lies {distance:.3g} off "
+        f"{manifold!r}; it was projected onto the manifold",
+        stacklevel=4,
+    )
+    return _project_checked(data, manifold)
+
+
+def _rebuild_manifold_parameter(
+    data: Tensor, manifold: Manifold, requires_grad: bool, extra: dict[str, Any] | None = None
+) -> ManifoldParameter:
+    """Unpickling hook: rebuild without projecting again (the data is already on the manifold),
+    with the attributes ``extra`` a user set on the parameter."""
     instance = torch.Tensor._make_subclass(ManifoldParameter, data, requires_grad)
     instance.manifold = manifold
+    for key, value in (extra or {}).items():
+        setattr(instance, key, value)
     return instance
+
+
+def _keep_manifold_on_assign(module: torch.nn.Module, name: str, param: Tensor | None) -> Tensor | None:
+    """Global parameter-registration hook: ``load_state_dict(..., assign=True)`` replaces each
+    parameter by an ``nn.Parameter`` of the loaded tensor; where the replaced one was a
+    ManifoldParameter, the new one is a ManifoldParameter on the same manifold."""
+    old = module._parameters.get(name)
+    if not isinstance(old, ManifoldParameter) or param is None or isinstance(param, ManifoldParameter):
+        return None
+    if type(param) is not torch.nn.Parameter or not _inside_load_from_state_dict():
+        return None
+    extra = {key: value for key, value in old.__dict__.items() if key != "manifold"}
+    with torch.no_grad():
+        data = _onto_manifold_when_loaded(param.detach(), old.manifold)
+    return _rebuild_manifold_parameter(data, old.manifold, param.requires_grad, extra)
+
+
+def _inside_load_from_state_dict() -> bool:
+    return _called_from(_LOAD_FROM_STATE_DICT, 2, depth=8)
+
+
+def _called_from(code: Any, skip: int, depth: int = 3) -> bool:
+    """Whether one of the ``depth`` frames above the caller's ``skip``-th runs ``code``."""
+    frame = sys._getframe(skip + 1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_LOAD_FROM_STATE_DICT = torch.nn.Module._load_from_state_dict.__code__
+_MODULE_APPLY = torch.nn.Module._apply.__code__
+_PARAMETER_NEW = torch.nn.Parameter.__new__.__code__
+torch.nn.modules.module.register_module_parameter_registration_hook(_keep_manifold_on_assign)

@@ -69,13 +69,17 @@ def polar_from_gram(w: Tensor, gram: Tensor) -> Tensor:
     r"""The polar factor :math:`W (W^\top W)^{-1/2}` of tall ``W`` from its Gram matrix, by ``eigh``.
 
     Exact to :math:`\operatorname{cond}(W)^2\,\varepsilon` (the Gram matrix squares the
-    condition number), so meant for well-conditioned ``W``.
+    condition number), so meant for well-conditioned ``W``. A non-finite Gram matrix (an
+    overflowing step) gives NaN points, never a LAPACK error: it is replaced by ``I`` for
+    ``eigh`` and the result is poisoned.
 
     Shapes: ``w (..., n, p)``, ``gram (..., p, p)`` -> ``(..., n, p)``.
     """
-    eigenvalues, vectors = torch.linalg.eigh(gram)
+    finite = torch.isfinite(gram).flatten(-2).all(-1)[..., None, None]
+    eigenvalues, vectors = torch.linalg.eigh(torch.where(finite, gram, identity_like(gram)))
     inv_sqrt = eigenvalues.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
-    return w @ ((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT)
+    poison = torch.where(finite, 1.0, torch.nan).to(gram.dtype)
+    return w @ (((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT) * poison)
 
 
 def newton_schulz(y: Tensor, iterations: int) -> Tensor:

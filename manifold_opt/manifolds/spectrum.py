@@ -74,7 +74,11 @@ class ConditionedSpectrum(Manifold):
       with ``iterations`` Newton–Schulz steps (default 16), for large matrices on
       accelerators where an SVD is slow. It is approximate: a singular value at distance
       ``d`` outside the band ends at most ``d/2`` outside it, and those far outside are
-      clipped to working precision (measured accuracy in ``docs/spectrum.md``). For the
+      clipped to working precision (measured accuracy in ``docs/spectrum.md``), while the
+      singular values of ``x + t u`` span a moderate range. A step that dwarfs the point
+      (``|t u|`` a thousand times ``|x|`` and more) leaves the small singular values below
+      the band (relative violation up to about ``a / b``): the iteration cannot resolve them
+      next to the large one. Use ``"svd"`` where such steps can occur. For the
       ``kappa`` form the band is anchored at a power-iteration estimate
       :math:`\hat\sigma \le \sigma_{\max}`: ``[σ̂/κ, σ̂]``, feasible but not the nearest
       band. Errors do not accumulate over steps (each step clips ``x + t u`` afresh), so

@@ -19,6 +19,7 @@ anything is written, so a step that raises changes nothing.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class _StaticKey:
     own_bucket: bool
     shape: torch.Size
     param_dtype: torch.dtype
+    declared: bool  # the manifold came from the parameter's ``.manifold``
 
     def matches(self, param: Tensor, manifold: Manifold) -> bool:
         return (
@@ -464,6 +466,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
             else:
                 static = self._static_keys.get(param)
                 if static is None or not static.matches(param, manifold):
+                    if static is not None and static.declared and getattr(param, "manifold", None) is None:
+                        raise RuntimeError(_lost_manifold_message(param, static.manifold))
                     static = self._static_keys[param] = self._static_key(param, manifold)
             state = self.state[param]
             if not state:
@@ -490,7 +494,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # equal manifolds (by value) share one small integer, so grouping never hashes a manifold
         number = self._static_ids.setdefault(value, len(self._static_ids))
         own_bucket = param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean)
-        return _StaticKey(number, *value, own_bucket, param.shape, param.dtype)
+        declared = getattr(param, "manifold", None) is not None and not isinstance(manifold, Euclidean)
+        return _StaticKey(number, *value, own_bucket, param.shape, param.dtype, declared)
 
     def _manifold_bucket(
         self, group: dict[str, Any], manifold: Manifold, point_shape: tuple[int, ...], dtype: torch.dtype, params
@@ -558,17 +563,84 @@ class BucketedOptimizer(torch.optim.Optimizer):
         count.add_(skipped.to(torch.int64))
 
     # ----------------------------------------------------------- checkpoints
+    # caches rebuilt on demand; torch.optim's hooks are not pickled (as in torch.optim)
+    _NOT_PICKLED = ("_workspace", "_static_keys", "_static_ids")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but caches and hooks, so that ``copy.deepcopy`` and pickling keep every
+        attribute (``nonfinite``, the counters, subclass settings), as torch's tests require."""
+        return {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in self._NOT_PICKLED and not (key.startswith("_optimizer_") and key.endswith("_hooks"))
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._workspace = Workspace()
+        self._static_keys = {}
+        self._static_ids = {}
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("reprojected_points", 0)
+        self.__dict__.setdefault("_skipped", {})
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but state tensors keep their saved
-        dtype (torch casts them to the parameter dtype, which would round the float32
-        state of half-precision manifold parameters)."""
+        """As ``torch.optim.Optimizer.load_state_dict``, with every state tensor checked against
+        its parameter first (a checkpoint of another model raises a ValueError naming the
+        parameter, and nothing is loaded). Floating-point state is cast as torch does, to the
+        parameter's dtype, except that half-precision manifold parameters keep float32
+        state (their geometry dtype); step counts stay where this optimizer keeps them."""
+        groups = self.param_groups
+        saved_groups = state_dict.get("param_groups", [])
+        if len(groups) == len(saved_groups):  # else torch's own error below
+            saved_ids = [index for group in saved_groups for index in group["params"]]
+            params = [param for group in groups for param in group["params"]]
+            for index, param in zip(saved_ids, params):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if isinstance(value, Tensor):
+                        self._check_loaded_state(param, index, key, value)
         super().load_state_dict(state_dict)
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
         for index, param in zip(saved_ids, params):
+            manifold = self._manifold(param)
+            dtype = geometry_dtype(manifold, param.dtype)
             for key, value in state_dict["state"].get(index, {}).items():
-                if isinstance(value, Tensor) and key != "step" and value.dtype != param.dtype:
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+                if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+
+    def _check_loaded_state(self, param: Tensor, index: Any, key: str, value: Tensor) -> None:
+        """Raise a ValueError unless ``value`` can be ``state[key]`` of ``param``."""
+        manifold = self._manifold(param)
+        batch = tuple(param.shape) if isinstance(manifold, Euclidean) else manifold.batch_shape(param.shape)
+        expected: tuple[int, ...] | None = None
+        if key in ("momentum_buffer", "exp_avg"):
+            expected = tuple(param.shape)
+        elif key in ("exp_avg_sq", "max_exp_avg_sq"):
+            expected = batch
+        elif key == "step":
+            expected = ()
+        shape = tuple(value.shape)
+        if key.endswith(TRACKING):  # (*batch, p, p)
+            fits = shape[: len(batch)] == batch and len(shape) == len(batch) + 2 and shape[-1] == shape[-2]
+        else:
+            fits = expected is None or shape == expected or (key == "step" and value.numel() == 1)
+        if not fits:
+            raise ValueError(
+                f"load_state_dict: state {key!r} of saved parameter {index} has shape {shape}, but the parameter "
+                f"it loads into has shape {tuple(param.shape)} on {manifold!r} (expected "
+                f"{expected if expected is not None else 'a matching shape'}): the state_dict was saved for "
+                "another model or another order of parameters; nothing was loaded"
+            )
+
+
+def _lost_manifold_message(param: Tensor, manifold: Manifold) -> str:
+    return (
+        f"a parameter of shape {tuple(param.shape)} was stepped on {manifold!r} and has no .manifold any more: "
+        "something replaced its ManifoldParameter by a plain nn.Parameter (e.g. module.to(...) with "
+        "torch.__future__.set_swap_module_params_on_conversion(True)). Give it back its manifold "
+        f"(param.manifold = {manifold!r} works on any tensor), or convert the module before wrapping its weights"
+    )
 
 
 def _describe(what: str, manifold: Manifold, params: list[Tensor]) -> str:
@@ -600,7 +672,16 @@ class _snapshot:  # noqa: N801 - used like a function
                     torch.where(ok.to(value.device), value, torch.zeros((), dtype=value.dtype), out=value)
 
 
-def check_nonnegative(name: str, value: float) -> None:
-    """Raise a ValueError naming the hyperparameter unless it is a finite number >= 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raise a ValueError naming the hyperparameter unless it is a finite real number >= 0
+    (a Python or NumPy number, or a one-element tensor, as ``torch.optim`` accepts for lr)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got {value!r}")
+        number = float(value)  # at construction, not during a step
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

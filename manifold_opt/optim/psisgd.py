@@ -27,6 +27,7 @@ REASONS = {
     4: "{zero_rows} zero row(s): not points of PSI",
     5: "radial cosine {cos:.3g} > tolerance",
     6: "radial cosine {cos:.3g} > tolerance after {checks} passed check(s): demoted",
+    7: "no entries (nothing to step)",
 }
 DETECTABLE_DTYPES = (torch.float32, torch.float64)
 
@@ -88,6 +89,8 @@ class PSISGD(RiemannianSGD):
         verify_steps: steps with a gradient over which a detected (or declared PSI)
             parameter is checked (default 5); a declared one that fails gets a warning.
         maximize: maximize the objective instead of minimizing it.
+        foreach, fused, differentiable: torch.optim.SGD's keywords, for the plain tensors
+            (see :class:`~manifold_opt.optim.sgd.RiemannianSGD`).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient.
 
     Shapes: any parameter shape; the PSI groups of a weight ``(out, *rest)`` are the rows of
@@ -121,6 +124,9 @@ class PSISGD(RiemannianSGD):
         tolerance: float = 1e-3,
         verify_steps: int = 5,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
         if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
@@ -139,6 +145,9 @@ class PSISGD(RiemannianSGD):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
             nonfinite=nonfinite,
         )
         self.defaults["invariant_weight_decay"] = invariant_weight_decay  # for add_param_group
@@ -309,6 +318,8 @@ def _ineligible(param: Tensor) -> int | None:
         return 3
     if param.dim() < 2:
         return 1
+    if param.numel() == 0:
+        return 7
     if param[0].numel() < 2:
         return 2
     return None

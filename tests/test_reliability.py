@@ -1,0 +1,293 @@
+"""Misuse, checkpoints, conversions and torch.optim's conventions at their edges: one test per
+defect that was found, each failing before its fix."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from manifold_opt import PSISGD, ManifoldParameter, RiemannianAdam, RiemannianSGD, Sphere, Stiefel
+from manifold_opt.checks import manifold_residuals
+
+F64 = torch.float64
+
+
+def stiefel_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    model[0].weight = ManifoldParameter(model[0].weight, Stiefel())
+    model[2].weight = ManifoldParameter(model[2].weight, Sphere(batch_dims=1))
+    return model
+
+
+def loss_of(model: nn.Module, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 6, generator=gen).to(next(model.parameters()).dtype)
+    return model(x).square().mean()
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+
+
+MAKERS = {
+    "sgd": lambda ps: RiemannianSGD(ps, lr=0.05, momentum=0.9, nonfinite="raise"),
+    "adam": lambda ps: RiemannianAdam(ps, lr=0.01, amsgrad=True, nonfinite="raise"),
+    "psisgd": lambda ps: PSISGD(ps, lr=0.05, tolerance=0.01, verify_steps=3, nonfinite="raise"),
+}
+
+
+# ------------------------------------------------------------------ copies of an optimizer
+@pytest.mark.parametrize("name", MAKERS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_every_attribute_and_steps_like_the_original(name: str, how: str) -> None:
+    model = stiefel_model()
+    opt = MAKERS[name](model.parameters())
+    train(model, opt, 3)
+    if how == "deepcopy":
+        model_copy, opt_copy = copy.deepcopy((model, opt))
+    else:
+        model_copy, opt_copy = pickle.loads(pickle.dumps((model, opt)))
+    public = {key: value for key, value in vars(opt).items() if not key.startswith("_")}
+    assert public, "nothing public to compare"
+    for key, value in public.items():
+        assert key in vars(opt_copy), key
+        if not isinstance(value, (dict, list)):
+            assert vars(opt_copy)[key] == value, key
+    assert opt_copy.nonfinite == "raise"
+    if name == "psisgd":
+        assert (opt_copy.tolerance, opt_copy.verify_steps) == (0.01, 3)
+    train(model, opt, 3, start=3)
+    train(model_copy, opt_copy, 3, start=3)
+    for a, b in zip(model.parameters(), model_copy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert opt_copy.skipped_steps == opt.skipped_steps == 0
+
+
+# ------------------------------------------------------------------ ManifoldParameter
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_data_at_construction_is_a_value_error_naming_the_shape(bad: float) -> None:
+    data = torch.randn(5, 3)
+    data[1, 2] = bad
+    with pytest.raises(ValueError, match=r"shape \(5, 3\).*NaN or Inf.*finite values"):
+        ManifoldParameter(data, Stiefel())
+    with pytest.raises(ValueError, match=r"shape \(5, 3\)"):
+        ManifoldParameter(data, Sphere(batch_dims=1))
+
+
+def test_pickle_and_deepcopy_of_a_manifold_parameter_keep_user_attributes() -> None:
+    param = ManifoldParameter(torch.randn(6, 3), Stiefel())
+    param.tag, param.lr_scale = "encoder", 0.5
+    buffer = io.BytesIO()
+    torch.save(param, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(param), pickle.loads(pickle.dumps(param)), torch.load(buffer, weights_only=True)):
+        assert isinstance(copied, ManifoldParameter)
+        assert (copied.tag, copied.lr_scale, copied.manifold) == ("encoder", 0.5, param.manifold)
+        torch.testing.assert_close(copied, param, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_keeps_the_manifold_with_assign_and_with_swap_tensors(swap: bool, assign: bool) -> None:
+    saved = copy.deepcopy(stiefel_model(seed=1).state_dict())
+    model = stiefel_model(seed=0)
+    model[0].weight.note = "kept"
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        model.load_state_dict(saved, assign=assign)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    weight = model[0].weight
+    assert isinstance(weight, ManifoldParameter) and weight.manifold == Stiefel()
+    assert weight.note == "kept" and weight.requires_grad
+    assert isinstance(model[2].weight, ManifoldParameter) and model[2].weight.manifold == Sphere(batch_dims=1)
+    assert type(model[0].bias) is nn.Parameter
+    torch.testing.assert_close(weight.detach(), saved["0.weight"], rtol=0, atol=0)
+    opt = RiemannianAdam(model.parameters(), lr=0.01)
+    train(model, opt, 2)
+    assert max(manifold_residuals(model).values()) < 2e-6
+
+
+def test_plain_assignment_outside_load_state_dict_is_left_to_the_user() -> None:
+    model = stiefel_model()
+    model[0].weight = nn.Parameter(torch.randn(12, 6))  # a deliberate replacement stays plain
+    assert type(model[0].weight) is nn.Parameter
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize(
+    "convert",
+    [lambda m: m.to(torch.float32), lambda m: m.double(), lambda m: m.to("cpu", torch.bfloat16), lambda m: m.cpu()],
+    ids=["to-same", "double", "to-bf16", "cpu"],
+)
+def test_module_conversions_keep_the_manifold_with_and_without_swap_tensors(swap: bool, convert) -> None:
+    model = stiefel_model()
+    model[0].weight.note = "kept"
+    weight = model[0].weight
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        convert(model)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert model[0].weight is weight  # the same object, converted in place (set_data or swap)
+    assert isinstance(weight, ManifoldParameter) and weight.manifold == Stiefel() and weight.note == "kept"
+    assert weight.is_leaf and weight.requires_grad
+    assert isinstance(model[2].weight, ManifoldParameter)
+    assert type(ManifoldParameter(torch.randn(4, 2), Stiefel()).detach()) is torch.Tensor  # elsewhere: plain
+
+
+def test_a_parameter_that_lost_its_manifold_makes_the_next_step_raise() -> None:
+    model = stiefel_model()
+    opt = RiemannianSGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, 1)
+    weight = model[0].weight
+    torch.utils.swap_tensors(weight, nn.Parameter(weight.detach().clone()))  # e.g. a third-party wrapper
+    assert type(model[0].weight) is nn.Parameter
+    before = model[0].weight.detach().clone()
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    with pytest.raises(RuntimeError, match=r"shape \(12, 6\) was stepped on Stiefel.*param.manifold ="):
+        opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), before, rtol=0, atol=0)
+    model[0].weight.manifold = Stiefel()  # the fix the message gives
+    opt.step()
+    assert max(manifold_residuals(model).values()) < 2e-6
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("manifold", [Stiefel(), Sphere(batch_dims=1)], ids=str)
+def test_values_loaded_off_the_manifold_are_projected_with_a_warning(manifold, assign: bool, swap: bool) -> None:
+    layer = nn.Linear(6, 4)
+    layer.weight = ManifoldParameter(layer.weight, manifold)
+    off = {"weight": 3.0 * torch.randn(4, 6), "bias": torch.zeros(4)}
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        with pytest.warns(UserWarning, match=r"shape \(4, 6\) lies .* off .*projected"):
+            layer.load_state_dict(off, assign=assign)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert isinstance(layer.weight, ManifoldParameter)
+    assert manifold_residuals(layer)["weight"] < 2e-6
+    torch.testing.assert_close(layer.weight.detach(), manifold.project_parameter(off["weight"]))
+
+
+def test_values_on_the_manifold_load_bit_for_bit_and_user_writes_are_the_users() -> None:
+    layer = nn.Linear(6, 4)
+    layer.weight = ManifoldParameter(layer.weight, Stiefel())
+    saved = {"weight": Stiefel().random_point((4, 6)), "bias": torch.zeros(4)}
+    layer.load_state_dict(saved)
+    torch.testing.assert_close(layer.weight.detach(), saved["weight"], rtol=0, atol=0)
+    with torch.no_grad():
+        layer.weight.copy_(2 * saved["weight"])  # not a load: kept, and the check reports it
+    assert manifold_residuals(layer)["weight"] > 1
+
+
+# ------------------------------------------------------------------ optimizer state loading
+@pytest.mark.parametrize("name", MAKERS)
+def test_state_dict_of_another_model_raises_naming_the_parameter_and_loads_nothing(name: str) -> None:
+    other = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    other_opt = MAKERS[name](other.parameters())
+    train(other, other_opt, 2)
+    model = stiefel_model()
+    opt = MAKERS[name](model.parameters())
+    train(model, opt, 2)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"saved parameter 0 has shape \(7, 6\).*shape \(12, 6\).*another model"):
+        opt.load_state_dict(other_opt.state_dict())
+    after = opt.state_dict()
+    for index, state in before["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(after["state"][index][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reference", ["torch", "ours"])
+def test_loaded_state_of_plain_parameters_is_cast_to_their_dtype_as_torch_does(reference: str) -> None:
+    make = {"torch": lambda ps: torch.optim.Adam(ps, lr=0.01), "ours": lambda ps: RiemannianAdam(ps, lr=0.01)}
+    saved_model = nn.Linear(4, 3)  # float32 state
+    saved_opt = make[reference](saved_model.parameters())
+    saved_model(torch.randn(2, 4)).sum().backward()
+    saved_opt.step()
+    ours_model, torch_model = nn.Linear(4, 3).to(F64), nn.Linear(4, 3).to(F64)
+    ours, theirs = RiemannianAdam(ours_model.parameters(), lr=0.01), torch.optim.Adam(torch_model.parameters(), lr=0.01)
+    ours.load_state_dict(saved_opt.state_dict())
+    theirs.load_state_dict(saved_opt.state_dict())
+    for p, q in zip(ours_model.parameters(), torch_model.parameters()):
+        assert ours.state[p]["exp_avg"].dtype == theirs.state[q]["exp_avg"].dtype == F64
+        assert ours.state[p]["exp_avg_sq"].dtype == F64
+
+
+def test_loaded_state_of_half_precision_manifold_parameters_stays_float32() -> None:
+    model = stiefel_model(dtype=torch.bfloat16)
+    opt = RiemannianAdam(model.parameters(), lr=0.01)
+    train(model, opt, 2)
+    fresh = stiefel_model(seed=3, dtype=torch.bfloat16)
+    fresh_opt = RiemannianAdam(fresh.parameters(), lr=0.01)
+    fresh_opt.load_state_dict(opt.state_dict())
+    assert fresh_opt.state[fresh[0].weight]["exp_avg"].dtype == torch.float32
+    assert fresh_opt.state[fresh[4].weight]["exp_avg"].dtype == torch.bfloat16  # plain: as torch.optim
+
+
+# ------------------------------------------------------------------ torch.optim's conventions
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+@pytest.mark.parametrize("lr", [torch.tensor(0.01), np.float32(0.01), np.float64(0.01)], ids=["tensor", "np32", "np64"])
+def test_lr_as_a_tensor_or_a_numpy_number_steps_like_a_float(name: str, lr) -> None:
+    make = {
+        "sgd": lambda ps, lr: RiemannianSGD(ps, lr=lr, momentum=0.9),
+        "adam": lambda ps, lr: RiemannianAdam(ps, lr=lr),
+    }[name]
+    reference, model = stiefel_model(), stiefel_model()
+    train(reference, make(reference.parameters(), 0.01), 4)
+    train(model, make(model.parameters(), lr), 4)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # a float32 lr rounds the step size
+
+
+def test_plain_parameters_with_a_tensor_lr_follow_torch_fused_adam() -> None:
+    ours_model, torch_model = nn.Linear(4, 3), nn.Linear(4, 3)
+    torch_model.load_state_dict(ours_model.state_dict())
+    ours = RiemannianAdam(ours_model.parameters(), lr=torch.tensor(0.01), fused=True)
+    theirs = torch.optim.Adam(torch_model.parameters(), lr=torch.tensor(0.01), fused=True)
+    for step in range(3):
+        for model, opt in ((ours_model, ours), (torch_model, theirs)):
+            opt.zero_grad()
+            model(torch.full((2, 4), float(step + 1))).square().sum().backward()
+            opt.step()
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [RiemannianSGD, RiemannianAdam, PSISGD], ids=lambda c: c.__name__)
+def test_torch_keyword_arguments_at_their_defaults_are_accepted(make) -> None:
+    param = nn.Parameter(torch.randn(3, 2))
+    keywords = {"foreach": None, "fused": None, "differentiable": False}  # torch.optim.SGD's
+    if make is RiemannianAdam:
+        keywords["capturable"] = False
+    make([param], lr=0.01, **keywords)
+    for name in keywords.keys() & {"capturable", "differentiable"}:
+        with pytest.raises(ValueError, match=rf"{name}=True is not supported.*leave {name}=False"):
+            make([param], lr=0.01, **{name: True})
+
+
+@pytest.mark.parametrize("make", [RiemannianSGD, RiemannianAdam, PSISGD], ids=lambda c: c.__name__)
+def test_zero_size_parameters_are_stepped_as_torch_steps_them(make) -> None:
+    empty, weight = nn.Parameter(torch.zeros(0, 3)), nn.Parameter(torch.randn(4, 3))
+    opt = make([empty, weight], lr=0.01)
+    for _ in range(2):
+        empty.grad, weight.grad = torch.zeros(0, 3), torch.ones(4, 3)
+        opt.step()
+    assert empty.shape == (0, 3) and torch.isfinite(weight).all()

@@ -93,6 +93,14 @@ class RiemannianAdam(BucketedOptimizer):
             check_nonnegative(f"betas[{index}]", beta)
             if beta >= 1:
                 raise ValueError(f"betas[{index}] must be in [0, 1), got {beta!r}")
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError(f"betas must be either both floats or both Tensors (as in torch.optim), got {betas!r}")
+        for name, value in (("lr", lr), ("betas[0]", betas[0])):
+            if isinstance(value, Tensor) and foreach:
+                raise ValueError(
+                    f"{name} as a Tensor is not supported for capturable=False and foreach=True (as in torch.optim): "
+                    "pass a float, or leave foreach=None for torch's fused kernel"
+                )
         check_implementation_options(foreach, fused, capturable=capturable, differentiable=differentiable)
         defaults = dict(
             lr=lr,
@@ -124,7 +132,7 @@ class RiemannianAdam(BucketedOptimizer):
         return tracking_key(state, "exp_avg")
 
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(beta) for beta in group["betas"])  # tensor betas: host numbers, not data
         tracking, refresh = tracking_inputs(bucket, "exp_avg")
         steps = [state["step"] for state in bucket.states]
         step = _points_steps(bucket, steps) + 1

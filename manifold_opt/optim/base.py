@@ -22,7 +22,7 @@ import math
 import numbers
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -575,8 +575,28 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if key not in self._NOT_PICKLED and not (key.startswith("_optimizer_") and key.endswith("_hooks"))
         }
 
+    # hyperparameters added after a group's keys were first saved: what an older checkpoint
+    # without them meant (as torch.optim's __setstate__ does)
+    _GROUP_KEYS_OF_OLDER_CHECKPOINTS: ClassVar[dict[str, Any]] = {
+        "maximize": False,
+        "foreach": None,
+        "fused": None,
+        "differentiable": False,
+        "amsgrad": False,
+        "nesterov": False,
+        "capturable": False,
+    }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._GROUP_KEYS_OF_OLDER_CHECKPOINTS.items():
+                if key in self.defaults:
+                    group.setdefault(key, value)
+            for param in group["params"]:  # steps saved as Python numbers (old torch.optim)
+                state = self.state.get(param)
+                if state and "step" in state and not isinstance(state["step"], Tensor):
+                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=param.device)
         self._workspace = Workspace()
         self._static_keys = {}
         self._static_ids = {}
@@ -605,9 +625,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
         for index, param in zip(saved_ids, params):
             manifold = self._manifold(param)
             dtype = geometry_dtype(manifold, param.dtype)
+            state = self.state[param]
             for key, value in state_dict["state"].get(index, {}).items():
-                if isinstance(value, Tensor) and key != "step" and value.is_floating_point():
-                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+                if not isinstance(value, Tensor):
+                    continue
+                if key != "step" and value.is_floating_point():
+                    state[key] = value.to(device=param.device, dtype=dtype, copy=True)
+                elif state.get(key) is value:  # a loaded state_dict is never written by later steps
+                    state[key] = value.clone()
 
     def _check_loaded_state(self, param: Tensor, index: Any, key: str, value: Tensor) -> None:
         """Raise a ValueError unless ``value`` can be ``state[key]`` of ``param``."""

@@ -291,3 +291,35 @@ def test_zero_size_parameters_are_stepped_as_torch_steps_them(make) -> None:
         empty.grad, weight.grad = torch.zeros(0, 3), torch.ones(4, 3)
         opt.step()
     assert empty.shape == (0, 3) and torch.isfinite(weight).all()
+
+
+# ------------------------------------------------------------------ overflow
+@pytest.mark.parametrize("scale", [1e29, 1e35])
+def test_a_sphere_step_near_the_float32_maximum_lands_on_the_sphere_or_is_skipped(scale: float) -> None:
+    point = ManifoldParameter(torch.randn(2, 16), Sphere(batch_dims=1))
+    opt = RiemannianSGD([point], lr=1.0)
+    before = point.detach().clone()
+    point.grad = scale * torch.randn(2, 16)
+    opt.step()
+    if opt.skipped_steps:
+        torch.testing.assert_close(point.detach(), before, rtol=0, atol=0)
+    else:
+        norms = point.detach().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones(2), rtol=0, atol=1e-6)  # never a zero vector
+
+
+@pytest.mark.parametrize("retraction", ["polar", "newton", "qr"])
+def test_an_overflowing_stiefel_step_is_skipped_not_a_linalg_error(retraction: str) -> None:
+    weight = ManifoldParameter(torch.randn(6, 3), Stiefel(retraction=retraction))
+    opt = RiemannianSGD([weight], lr=1e6)
+    before = weight.detach().clone()
+    weight.grad = torch.full((6, 3), 1e30) * torch.randn(6, 3)  # x + t u overflows the Gram matrix
+    opt.step()
+    if opt.skipped_steps:
+        torch.testing.assert_close(weight.detach(), before, rtol=0, atol=0)
+    else:
+        assert float(Stiefel().distance_to_manifold(weight.detach())) < 2e-6
+    strict = RiemannianSGD([weight], lr=1e6, nonfinite="raise")
+    with pytest.raises(FloatingPointError):
+        strict.step()
+    torch.testing.assert_close(weight.detach(), before, rtol=0, atol=0)

@@ -59,6 +59,11 @@ class ManifoldParameter(torch.nn.Parameter):
     ) -> ManifoldParameter:
         if manifold is None:
             manifold = Euclidean()
+        if isinstance(manifold, type) and _is_manifold_class(manifold):
+            raise TypeError(
+                f"manifold must be a manifold instance, got the class {manifold.__name__}: did you mean "
+                f"{manifold.__name__}()?"
+            )
         if not isinstance(manifold, Manifold) and not is_geoopt_manifold(manifold):
             raise TypeError(
                 "manifold must be a manifold_opt.manifolds.Manifold (or a geoopt manifold), "
@@ -146,6 +151,10 @@ class ManifoldParameter(torch.nn.Parameter):
 
     def __repr__(self) -> str:
         return f"ManifoldParameter on {self.manifold!r} containing:\n{torch.Tensor.__repr__(self.data)}"
+
+
+def _is_manifold_class(cls: type) -> bool:
+    return any(base is Manifold or base.__module__.startswith("geoopt.") for base in cls.__mro__)
 
 
 def _project_checked(data: Tensor, manifold: Manifold) -> Tensor:

@@ -323,3 +323,23 @@ def test_an_overflowing_stiefel_step_is_skipped_not_a_linalg_error(retraction: s
     with pytest.raises(FloatingPointError):
         strict.step()
     torch.testing.assert_close(weight.detach(), before, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ the first hour
+def test_a_manifold_class_instead_of_an_instance_asks_did_you_mean() -> None:
+    with pytest.raises(TypeError, match=r"got the class Stiefel: did you mean Stiefel\(\)\?"):
+        ManifoldParameter(torch.randn(4, 2), Stiefel)
+
+
+def test_the_invariance_report_prints_as_a_table_with_the_parameter_names() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    opt = PSISGD(net.named_parameters())
+    nn.functional.cross_entropy(net(torch.randn(8, 1, 8, 8)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    report = opt.invariance_report()
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["name", "shape", "verdict", "checks", "radial_cosine", "reason"]
+    assert len(lines) == 2 + len(report) == 8
+    assert lines[2].split()[:3] == ["0.weight", "4×1×3×3", "psi"]
+    assert report[0]["verdict"] == "psi"  # still a list of dicts

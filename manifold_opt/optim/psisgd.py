@@ -262,18 +262,21 @@ class PSISGD(RiemannianSGD):
         return "?"
 
     # ------------------------------------------------------------ reporting
-    def invariance_report(self) -> list[dict[str, Any]]:
+    def invariance_report(self) -> InvarianceReport:
         """What the optimizer decided for each parameter, in param-group order.
 
+        ``print(opt.invariance_report())`` shows it as a table; build the optimizer from
+        ``model.named_parameters()`` for real names.
+
         Returns:
-            One dict per parameter: ``name`` (from ``named_parameters()``, else
+            A list (an :class:`InvarianceReport`) of one dict per parameter: ``name`` (from ``named_parameters()``, else
             ``"group{g}[{i}]"``), ``shape``, ``verdict`` (``"psi"``, ``"euclidean"``,
             ``"undetermined"`` before its first nonzero gradient, or ``"declared <manifold>"``),
             ``checks`` (passed gradient checks), ``radial_cosine`` (largest row cosine at
             the last check), ``tensor_cosine`` (of the whole tensor: near 0 hints at a
             LayerNorm-style whole-tensor invariance to declare) and ``reason``.
         """
-        report = []
+        report = InvarianceReport()
         for g, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, param in enumerate(group["params"]):
@@ -306,6 +309,28 @@ class PSISGD(RiemannianSGD):
                     }
                 )
         return report
+
+
+class InvarianceReport(list):
+    """:meth:`PSISGD.invariance_report`: a list of dicts that prints as a table."""
+
+    COLUMNS = ("name", "shape", "verdict", "checks", "radial_cosine", "reason")
+
+    def __str__(self) -> str:
+        rows = [[_cell(row[column]) for column in self.COLUMNS] for row in self]
+        widths = [max(len(text) for text in column) for column in zip(self.COLUMNS, *rows)]
+        lines = [self.COLUMNS, tuple("-" * width for width in widths), *rows]
+        return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, tuple):
+        return "×".join(map(str, value)) or "scalar"
+    return str(value)
 
 
 def _detectable(param: Tensor) -> bool:

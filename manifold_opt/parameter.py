@@ -59,16 +59,7 @@ class ManifoldParameter(torch.nn.Parameter):
     ) -> ManifoldParameter:
         if manifold is None:
             manifold = Euclidean()
-        if isinstance(manifold, type) and _is_manifold_class(manifold):
-            raise TypeError(
-                f"manifold must be a manifold instance, got the class {manifold.__name__}: did you mean "
-                f"{manifold.__name__}()?"
-            )
-        if not isinstance(manifold, Manifold) and not is_geoopt_manifold(manifold):
-            raise TypeError(
-                "manifold must be a manifold_opt.manifolds.Manifold (or a geoopt manifold), "
-                f"got {type(manifold).__name__}"
-            )
+        check_manifold_argument(manifold, "manifold")
         if data is None:
             data = torch.empty(0)
         with torch.no_grad():
@@ -153,6 +144,20 @@ class ManifoldParameter(torch.nn.Parameter):
         return f"ManifoldParameter on {self.manifold!r} containing:\n{torch.Tensor.__repr__(self.data)}"
 
 
+def check_manifold_argument(manifold: Any, what: str) -> None:
+    """Raise a TypeError unless ``manifold`` is a manifold instance (ours or geoopt's); a
+    class given for an instance is asked about ("did you mean Stiefel()?")."""
+    if isinstance(manifold, type) and _is_manifold_class(manifold):
+        raise TypeError(
+            f"{what} must be a manifold instance, got the class {manifold.__name__}: "
+            f"did you mean {manifold.__name__}()?"
+        )
+    if not isinstance(manifold, Manifold) and not is_geoopt_manifold(manifold):
+        raise TypeError(
+            f"{what} must be a manifold_opt.manifolds.Manifold (or a geoopt manifold), got {type(manifold).__name__}"
+        )
+
+
 def _is_manifold_class(cls: type) -> bool:
     return any(base is Manifold or base.__module__.startswith("geoopt.") for base in cls.__mro__)
 
@@ -186,19 +191,22 @@ def load_tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, 64 * torch.finfo(dtype).eps)
 
 
-def _onto_manifold_when_loaded(data: Tensor, manifold: Any) -> Tensor:
+def _onto_manifold_when_loaded(
+    data: Tensor, manifold: Any, quiet: bool = False, what: str = "load_state_dict"
+) -> Tensor:
     """``data`` itself when it lies on ``manifold`` (to :func:`load_tolerance`), else its
-    projection, with a warning; non-finite values raise."""
+    projection, with a warning unless ``quiet``; non-finite values raise."""
     if not isinstance(manifold, Manifold) or data.numel() == 0 or not data.is_floating_point():
         return data
     if not bool(torch.isfinite(data).all()):
         raise ValueError(
-            f"load_state_dict: the value for a ManifoldParameter of shape {tuple(data.shape)} on {manifold!r} has "
-            "NaN or Inf entries"
+            f"{what}: the value for a parameter of shape {tuple(data.shape)} on {manifold!r} has NaN or Inf entries"
         )
     distance = float(manifold.parameter_distance(data.to(torch.promote_types(data.dtype, torch.float32))))
     if distance <= load_tolerance(data.dtype):
         return data
+    if quiet:
+        return _project_checked(data, manifold)
     warnings.warn(
         f"load_state_dict: the value for a ManifoldParameter of shape {tuple(data.shape)} lies {distance:.3g} off "
         f"{manifold!r}; it was projected onto the manifold",

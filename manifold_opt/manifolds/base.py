@@ -20,10 +20,12 @@ Two layouts of a tensor appear:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -381,3 +383,26 @@ def check_iterations(manifold: Manifold, retraction: str, iterations: int | None
         )
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"iterations must be a positive int or None, got {iterations!r}")
+
+
+def manifold_spec(manifold: Manifold) -> dict[str, Any]:
+    """A manifold as plain data: ``{"manifold": class name, **its fields}`` (for checkpoints)."""
+    spec: dict[str, Any] = {"manifold": type(manifold).__name__}
+    for item in dataclasses.fields(manifold):
+        spec[item.name] = getattr(manifold, item.name)
+    return spec
+
+
+def manifold_from_spec(spec: dict[str, Any]) -> Manifold:
+    """The manifold :func:`manifold_spec` describes (a subclass of :class:`Manifold` by name)."""
+    classes = {}
+    pending = list(Manifold.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        classes[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    fields = dict(spec)
+    name = fields.pop("manifold", None)
+    if name not in classes:
+        raise ValueError(f"unknown manifold {name!r} in a checkpoint; known: {sorted(classes)}")
+    return classes[name](**fields)

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
-from ..manifolds.base import Workspace
+from ..manifolds.base import Workspace, manifold_from_spec, manifold_spec
+from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
 from .functional import keep_on_manifold
 
 EUCLIDEAN = Euclidean()
@@ -354,7 +355,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
     override :meth:`_bucket_key`, :meth:`_init_state` and :meth:`_bucket_committed`.
 
     Args:
-        params: tensors or param-group dicts, as for ``torch.optim``.
+        params: tensors or param-group dicts, as for ``torch.optim``. A group's
+            ``"manifold"`` (a :class:`~manifold_opt.manifolds.Manifold` instance) declares
+            the manifold of all its tensors (see :meth:`add_param_group`); otherwise each
+            tensor's ``.manifold`` (a :class:`~manifold_opt.ManifoldParameter`'s, or
+            geoopt's) decides, and tensors without one are Euclidean.
         defaults: default hyperparameters of a group.
         nonfinite: what a bucket with a NaN/Inf gradient, or whose update comes out
             non-finite, does: ``"skip"`` (default: its parameters and state stay untouched,
@@ -384,11 +389,29 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return int(sum(int(count) for count in self._skipped.values()))
 
     # ------------------------------------------------------------ subclass API
-    def _manifold(self, param: Tensor) -> Manifold:
-        """The manifold ``param`` is stepped on (default: :func:`manifold_of`). Subclasses
-        that assign geometry themselves (e.g. PSI-SGD's detection of scale-invariant
-        weights) override this."""
-        return manifold_of(param)
+    def _manifold(self, group: dict[str, Any], param: Tensor) -> Manifold:
+        """The manifold ``param`` of ``group`` is stepped on: the declared one
+        (:meth:`declared_manifold`), else Euclidean. Subclasses that assign geometry
+        themselves (e.g. PSI-SGD's detection of scale-invariant weights) override this."""
+        declared = self.declared_manifold(group, param)
+        return EUCLIDEAN if declared is None else declared
+
+    def declared_manifold(self, group: dict[str, Any], param: Tensor) -> Manifold | None:
+        """The group's ``"manifold"`` if it has one, else the parameter's ``.manifold``, else None.
+
+        Raises:
+            ValueError: if both are set and differ.
+        """
+        declared = group.get("manifold")
+        own = getattr(param, "manifold", None)
+        if declared is None:
+            return None if own is None else manifold_of(param)
+        if own is not None and own is not declared and manifold_of(param) != declared:
+            raise ValueError(
+                f"a parameter of shape {tuple(param.shape)} carries .manifold = {own!r} but its param group "
+                f"declares {declared!r}: remove one of the two, or make them the same"
+            )
+        return declared
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         """Extra bucket key from a parameter's state (e.g. whether a momentum buffer exists)."""
@@ -460,7 +483,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            manifold = self._manifold(param)
+            manifold = self._manifold(group, param)
             if compiling:
                 static = self._static_key(param, manifold)
             else:
@@ -604,39 +627,97 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("reprojected_points", 0)
         self.__dict__.setdefault("_skipped", {})
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; a ``"manifold"`` key declares the
+        manifold of every tensor of the group (a :class:`~manifold_opt.manifolds.Manifold`
+        instance). It lives in the optimizer, so it survives anything that replaces the
+        parameter objects' attributes; each tensor is checked against it (shape, a
+        disagreeing ``.manifold``) and projected onto it when it is not on it yet."""
+        manifold = param_group.get("manifold")
+        if manifold is not None:
+            check_group_manifold(manifold)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("manifold") is None:
+            return
+        for param in group["params"]:
+            self.declared_manifold(group, param)  # raises on a disagreeing .manifold
+            group["manifold"].point_shape(param.shape)  # raises a ValueError naming the shape
+            with torch.no_grad():
+                projected = _onto_manifold_when_loaded(
+                    param.detach(), group["manifold"], quiet=True, what="a param group's manifold"
+                )
+                if projected is not param.detach() and projected.data_ptr() != param.data_ptr():
+                    param.copy_(projected)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim``; a group's ``"manifold"`` is saved as plain data (a dict naming
+        the class and its fields), so the checkpoint loads with ``weights_only=True``."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            if isinstance(group.get("manifold"), Manifold):
+                group["manifold"] = manifold_spec(group["manifold"])
+        return state_dict
+
+    def _manifolds_from_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with each group's manifold as a Manifold: the saved one (from its
+        plain-data form), or this optimizer's where the checkpoint declares none."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return state_dict  # torch's own error follows
+        groups = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved = dict(saved)
+            ours, theirs = group.get("manifold"), saved.get("manifold")
+            if isinstance(theirs, dict):
+                theirs = manifold_from_spec(theirs)
+            if theirs is None and ours is not None:
+                theirs = ours
+            elif ours is not None and theirs != ours:
+                raise ValueError(
+                    f"load_state_dict: param group {index} declares {ours!r} but the checkpoint declares {theirs!r}; "
+                    "nothing was loaded"
+                )
+            if theirs is not None:
+                saved["manifold"] = theirs
+            groups.append(saved)
+        return {**state_dict, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, with every state tensor checked against
         its parameter first (a checkpoint of another model raises a ValueError naming the
         parameter, and nothing is loaded). Floating-point state is cast as torch does, to the
         parameter's dtype, except that half-precision manifold parameters keep float32
         state (their geometry dtype); step counts stay where this optimizer keeps them."""
+        state_dict = self._manifolds_from_checkpoint(state_dict)
         groups = self.param_groups
         saved_groups = state_dict.get("param_groups", [])
         if len(groups) == len(saved_groups):  # else torch's own error below
-            saved_ids = [index for group in saved_groups for index in group["params"]]
-            params = [param for group in groups for param in group["params"]]
-            for index, param in zip(saved_ids, params):
-                for key, value in state_dict["state"].get(index, {}).items():
-                    if isinstance(value, Tensor):
-                        self._check_loaded_state(param, index, key, value)
+            for group, saved in zip(groups, saved_groups):
+                for index, param in zip(saved["params"], group["params"]):
+                    for key, value in state_dict["state"].get(index, {}).items():
+                        if isinstance(value, Tensor):
+                            self._check_loaded_state(saved, param, index, key, value)
         super().load_state_dict(state_dict)
-        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
-        params = [param for group in self.param_groups for param in group["params"]]
-        for index, param in zip(saved_ids, params):
-            manifold = self._manifold(param)
-            dtype = geometry_dtype(manifold, param.dtype)
-            state = self.state[param]
-            for key, value in state_dict["state"].get(index, {}).items():
-                if not isinstance(value, Tensor):
-                    continue
-                if key != "step" and value.is_floating_point():
-                    state[key] = value.to(device=param.device, dtype=dtype, copy=True)
-                elif state.get(key) is value:  # a loaded state_dict is never written by later steps
-                    state[key] = value.clone()
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for index, param in zip(saved["params"], group["params"]):
+                self._cast_loaded_state(group, param, state_dict["state"].get(index, {}))
 
-    def _check_loaded_state(self, param: Tensor, index: Any, key: str, value: Tensor) -> None:
-        """Raise a ValueError unless ``value`` can be ``state[key]`` of ``param``."""
-        manifold = self._manifold(param)
+    def _cast_loaded_state(self, group: dict[str, Any], param: Tensor, saved: dict[str, Any]) -> None:
+        manifold = self._manifold(group, param)
+        dtype = geometry_dtype(manifold, param.dtype)
+        state = self.state[param]
+        for key, value in saved.items():
+            if not isinstance(value, Tensor):
+                continue
+            if key != "step" and value.is_floating_point():
+                state[key] = value.to(device=param.device, dtype=dtype, copy=True)
+            elif state.get(key) is value:  # a loaded state_dict is never written by later steps
+                state[key] = value.clone()
+
+    def _check_loaded_state(self, group: dict[str, Any], param: Tensor, index: Any, key: str, value: Tensor) -> None:
+        """Raise a ValueError unless ``value`` can be ``state[key]`` of ``param`` (in ``group``)."""
+        manifold = self._manifold(group, param)
         batch = tuple(param.shape) if isinstance(manifold, Euclidean) else manifold.batch_shape(param.shape)
         expected: tuple[int, ...] | None = None
         if key in ("momentum_buffer", "exp_avg"):
@@ -657,6 +738,16 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 f"{expected if expected is not None else 'a matching shape'}): the state_dict was saved for "
                 "another model or another order of parameters; nothing was loaded"
             )
+
+
+def check_group_manifold(manifold: Any) -> None:
+    """A param group's ``"manifold"``: a manifold_opt Manifold instance (a clear TypeError else)."""
+    check_manifold_argument(manifold, 'a param group\'s "manifold"')
+    if not isinstance(manifold, Manifold):
+        raise TypeError(
+            f'a param group\'s "manifold" must be a manifold_opt Manifold, got {type(manifold).__name__}; '
+            "give geoopt manifolds on the parameters (geoopt.ManifoldParameter)"
+        )
 
 
 def _lost_manifold_message(param: Tensor, manifold: Manifold) -> str:

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..manifolds import Manifold
 from ..manifolds.base import Workspace
 from ..manifolds.psi import PSI
-from .base import EUCLIDEAN, Bucket, BucketUpdate, check_nonnegative, manifold_of
+from .base import EUCLIDEAN, Bucket, BucketUpdate, check_nonnegative
 from .psi_detection import gather_statistics
 from .sgd import RiemannianSGD
 
@@ -155,9 +155,10 @@ class PSISGD(RiemannianSGD):
             group.setdefault("invariant_weight_decay", invariant_weight_decay)
 
     # ------------------------------------------------------------- geometry
-    def _manifold(self, param: Tensor) -> Manifold:
-        if getattr(param, "manifold", None) is not None:
-            return manifold_of(param)
+    def _manifold(self, group: dict[str, Any], param: Tensor) -> Manifold:
+        declared = self.declared_manifold(group, param)
+        if declared is not None:
+            return declared
         return PSI_ROWS if self.state[param].get("psi_verdict") == PSI_VERDICT else EUCLIDEAN
 
     @torch.compiler.disable  # host decisions: under torch.compile, one graph break, no recompiles
@@ -190,7 +191,7 @@ class PSISGD(RiemannianSGD):
             if param.grad is None or param.grad.is_sparse:
                 continue
             state = self.state[param]
-            declared = getattr(param, "manifold", None)
+            declared = self.declared_manifold(group, param)
             if declared is not None:
                 if isinstance(declared, PSI) and _detectable(param) and state.get("psi_checks", 0) < self.verify_steps:
                     pending.append((param, declared.batch_dims))
@@ -210,13 +211,14 @@ class PSISGD(RiemannianSGD):
             return
         statistics = gather_statistics([(p, p.grad, batch_dims) for p, batch_dims in pending])
         for (param, _), (max_cos, determined, zero_rows, tensor_cos) in zip(pending, statistics):
+            declared = self.declared_manifold(group, param)
             if math.isnan(max_cos) or determined == 0:
                 continue  # a non-finite or zero gradient carries no evidence
             state = self.state[param]
             state.update(radial_cosine=max_cos, tensor_cosine=tensor_cos, psi_zero_rows=int(zero_rows))
             passed = max_cos <= self.tolerance and zero_rows == 0
-            if getattr(param, "manifold", None) is not None:
-                self._check_declared(param, state, passed, max_cos)
+            if declared is not None:
+                self._check_declared(param, declared, state, passed, max_cos)
             elif passed:
                 if state.get("psi_verdict") is None:
                     state.pop("momentum_buffer", None)  # Euclidean steps taken while undetermined
@@ -240,13 +242,15 @@ class PSISGD(RiemannianSGD):
         else:
             state.update(psi_verdict=EUCLIDEAN_VERDICT, psi_reason=4 if state["psi_zero_rows"] else 5)
 
-    def _check_declared(self, param: Tensor, state: dict[str, Any], passed: bool, max_cos: float) -> None:
+    def _check_declared(
+        self, param: Tensor, declared: Manifold, state: dict[str, Any], passed: bool, max_cos: float
+    ) -> None:
         state["psi_checks"] = state.get("psi_checks", 0) + 1
         if not passed and not state.get("psi_warned", False):
             state["psi_warned"] = True
             warnings.warn(
                 f"PSISGD: parameter {self._name(param)} of shape {tuple(param.shape)} is declared on "
-                f"{param.manifold!r} but its gradient has a radial cosine {max_cos:.3g} > {self.tolerance:g}: "
+                f"{declared!r} but its gradient has a radial cosine {max_cos:.3g} > {self.tolerance:g}: "
                 f"the loss is not invariant to its scale (is it really followed by a normalization, and read by "
                 f"no other path?). It is stepped as declared",
                 RuntimeWarning,
@@ -281,7 +285,7 @@ class PSISGD(RiemannianSGD):
             names = group.get("param_names")
             for i, param in enumerate(group["params"]):
                 state = self.state.get(param, {})
-                declared = getattr(param, "manifold", None)
+                declared = self.declared_manifold(group, param)
                 code = state.get("psi_verdict")
                 if declared is not None:
                     verdict, reason = f"declared {declared!r}", "declared"

@@ -26,7 +26,12 @@ def takes_device(topic: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the benchmarks (all, or the topics named).")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run the benchmarks (all, or the topics named); results go to benchmarks/results/.",
+        epilog="Examples: python -m benchmarks --quick; python -m benchmarks core_speed; "
+        "python -m benchmarks.core_speed --help (a topic's own options).",
+    )
     parser.add_argument("topics", nargs="*", help=f"any of: {', '.join(topics())}")
     parser.add_argument("--quick", action="store_true", help="small runs (a few minutes in all)")
     parser.add_argument("--device", default="cpu", help="device for the topics that take one (e.g. cuda)")

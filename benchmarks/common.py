@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -12,6 +13,11 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def topic_parser(topic: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.<topic>``: its name and first docstring line."""
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{topic}", description=(doc or topic).splitlines()[0])
 
 
 def digits(seed: int = 0, test_size: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,6 @@ a smaller sweep and MLP; writes ``core_speed_quick.md`` and ``*_quick.png`` inst
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import statistics
@@ -41,7 +40,15 @@ from torch import Tensor, nn
 from manifold_opt import ManifoldParameter, RiemannianAdam, RiemannianSGD, Stiefel
 from manifold_opt.manifolds.linalg import invert_upper
 
-from .common import markdown_table, median_ratio, progress, save_figure, time_interleaved_samples, write_results
+from .common import (
+    markdown_table,
+    median_ratio,
+    progress,
+    save_figure,
+    time_interleaved_samples,
+    topic_parser,
+    write_results,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -720,7 +727,7 @@ def accuracy_table(settings: Settings) -> str:
 
 # ---------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("core_speed", __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a smaller sweep (about 3 minutes)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to create every tensor")
     args = parser.parse_args()

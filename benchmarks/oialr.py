@@ -18,7 +18,6 @@ Run: ``python -m benchmarks.oialr [--quick]``. Writes ``benchmarks/results/oialr
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from torch.nn import functional
 
 from manifold_opt.lowrank import OIALR
 
-from .common import digits, markdown_table, mean_std, progress, save_figure, time_call, write_results
+from .common import digits, markdown_table, mean_std, progress, save_figure, time_call, topic_parser, write_results
 
 
 # ------------------------------------------------------------------ models
@@ -300,7 +299,7 @@ def plot(model_name: str, results: dict[Config, list[Run]], slug: str, suffix: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("oialr", __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer seeds and epochs (about a minute)")
     parser.add_argument(
         "--seeds", type=int, default=None, help="seeds per configuration (default 5 for the MLP and 4 for the ViT)"

@@ -30,7 +30,6 @@ Run: ``python -m benchmarks.psi [--quick]``. Writes ``benchmarks/results/psi.md`
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from torch.nn import functional
 from manifold_opt import PSI, PSISGD, ManifoldParameter, RiemannianSGD, Sphere
 from manifold_opt.optim import find_psi_weights
 
-from .common import digits, markdown_table, mean_std, progress, save_figure, time_call, write_results
+from .common import digits, markdown_table, mean_std, progress, save_figure, time_call, topic_parser, write_results
 
 METHODS = ("SGD", "PSI-SGD", "sphere SGD")
 STARTS = {"original": 1.0, "rescaled ×10": 10.0}
@@ -441,7 +440,7 @@ def equivalence(best: dict[str, float], epochs: int, data: Data, runs: list[Run]
 
 # ------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("psi", __doc__)
     parser.add_argument("--quick", action="store_true", help="one seed, fewer epochs and learning rates (~2 min)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -13,7 +13,6 @@ Run: ``python -m benchmarks.spectrum_conditioning [--quick]``. Writes
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from manifold_opt.nn import condition_weight, oni_orthogonalize, weight_as_matrix
 
-from .common import markdown_table, mean_std, progress, write_results
+from .common import markdown_table, mean_std, progress, topic_parser, write_results
 
 
 def kaiming(out: int, inp: int, seed: int) -> torch.Tensor:
@@ -116,7 +115,7 @@ def conditioning_rows(seeds: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("spectrum_conditioning", __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer seeds")
     args = parser.parse_args()
     torch.set_num_threads(1)

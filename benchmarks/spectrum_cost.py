@@ -18,7 +18,6 @@ Run: ``python -m benchmarks.spectrum_cost [--quick]``. Writes ``benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Callable
 
@@ -29,7 +28,7 @@ from torch.nn.utils import parametrizations
 from manifold_opt import ConditionedSpectrum, ManifoldParameter, RiemannianAdam
 from manifold_opt.nn import oni, weight_conditioning
 
-from .common import markdown_table, progress, time_call, write_results
+from .common import markdown_table, progress, time_call, topic_parser, write_results
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -215,7 +214,7 @@ def training_rows(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("spectrum_cost", __doc__)
     parser.add_argument("--quick", action="store_true", help="smaller layers and stacks")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from manifold_opt.nn import layer_spectra, oni, weight_conditioning
 
-from .common import digits, markdown_table, mean_std, plot_mean_band, progress, save_figure, write_results
+from .common import digits, markdown_table, mean_std, plot_mean_band, progress, save_figure, topic_parser, write_results
 
 
 class Scale(nn.Module):
@@ -134,7 +134,7 @@ def plot(results: dict[str, list[dict]], name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("spectrum_digits_cnn", __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one seed")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from manifold_opt.nn import layer_spectra, oni, weight_conditioning
 
-from .common import markdown_table, mean_std, plot_mean_band, progress, save_figure, write_results
+from .common import markdown_table, mean_std, plot_mean_band, progress, save_figure, topic_parser, write_results
 
 
 class ScaledWeightStandardization(nn.Module):
@@ -149,7 +149,7 @@ def plot(results: dict[str, list[dict]], name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("spectrum_image_fit", __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps, one seed, narrower network")
     args = parser.parse_args()
     torch.set_num_threads(1)

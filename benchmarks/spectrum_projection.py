@@ -15,7 +15,6 @@ Run: ``python -m benchmarks.spectrum_projection [--quick]``. Writes
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from manifold_opt import ConditionedSpectrum
 from manifold_opt.manifolds.spectrum import DEFAULT_NEWTON_ITERATIONS, clip_singular_values
 
-from .common import markdown_table, progress, save_figure, time_call, write_results
+from .common import markdown_table, progress, save_figure, time_call, topic_parser, write_results
 
 BAND = ConditionedSpectrum(sigma_min=0.5, sigma_max=2.0)
 KAPPA = ConditionedSpectrum(kappa=10.0)
@@ -120,7 +119,7 @@ def plot(rows: list[dict], name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = topic_parser("spectrum_projection", __doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one seed")
     args = parser.parse_args()
     torch.set_num_threads(1)

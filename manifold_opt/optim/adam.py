@@ -122,14 +122,23 @@ class RiemannianAdam(BucketedOptimizer):
         # torch keeps step counts on the host for its foreach/single kernels, on the device otherwise
         on_host = plain and plain_implementation(group, [param], FUSED_KERNEL) != "fused"
         state["step"] = torch.zeros((), dtype=torch.float32, device="cpu" if on_host else param.device)
-        state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        second_moment_shape = param.shape if plain else manifold.batch_shape(param.shape)
-        state["exp_avg_sq"] = torch.zeros(second_moment_shape, dtype=dtype, device=param.device)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros(second_moment_shape, dtype=dtype, device=param.device)
+        # like the parameter (a DTensor of FSDP2 gives DTensor state, sharded like it), as torch.optim
+        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        names = ["exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg_sq"]
+        for name in names:
+            if plain:
+                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            else:  # one number per point, replicated on every rank of a sharded parameter
+                state[name] = torch.zeros(manifold.batch_shape(param.shape), dtype=dtype, device=param.device)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         return tracking_key(state, "exp_avg")
+
+    def _tangent_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def _replicated_state_names(self, group: dict[str, Any], manifold: Manifold) -> tuple[str, ...]:
+        return ("step", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("step", "exp_avg_sq")
 
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
         beta1, beta2 = (float(beta) for beta in group["betas"])  # tensor betas: host numbers, not data
@@ -187,10 +196,16 @@ class RiemannianAdam(BucketedOptimizer):
     def _plain_needs_check(self, group: dict[str, Any]) -> bool:
         return group["eps"] == 0  # 0/0 for a zero gradient: torch writes NaN
 
-    def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
+    def _plain_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        found_inf: Tensor | None,
+    ) -> None:
         """``torch.optim.adam.adam`` (the functional form of ``torch.optim.Adam``) on plain tensors."""
         implementation = plain_implementation(group, params, FUSED_KERNEL)
-        states = [self.state[p] for p in params]
         # under torch.compile, torch's capturable form: bias corrections as device tensors
         capturable = torch.compiler.is_compiling() and implementation == "foreach"
         device = params[0].device if implementation == "fused" or capturable else "cpu"
@@ -200,7 +215,7 @@ class RiemannianAdam(BucketedOptimizer):
         beta1, beta2 = group["betas"]
         torch_adam(
             params,
-            [p.grad for p in params],
+            grads,
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],

@@ -32,6 +32,16 @@ from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
 from ..manifolds.base import Workspace, manifold_from_spec, manifold_spec
 from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
 from .functional import keep_on_manifold
+from .sharded import (
+    Exchange,
+    LocalShards,
+    all_reduce_owned,
+    check_row_sharded,
+    full_tensor_rows,
+    gather_to_owners,
+    is_sharded,
+    scatter_from_owners,
+)
 
 EUCLIDEAN = Euclidean()
 # Manifold parameters with at least this many entries get a bucket of their own (views of
@@ -65,6 +75,7 @@ class _StaticKey:
     shape: torch.Size
     param_dtype: torch.dtype
     declared: bool  # the manifold came from the parameter's ``.manifold``
+    sharded: bool  # a DTensor (FSDP2): stepped by its owner rank
 
     def matches(self, param: Tensor, manifold: Manifold) -> bool:
         return (
@@ -431,9 +442,17 @@ class BucketedOptimizer(torch.optim.Optimizer):
         """Host-side decisions taken before a step's buckets are formed (e.g. PSI-SGD's
         detection); runs first, so under ``torch.compile`` it is at most one graph break."""
 
-    def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
-        """Step plain tensors in place by ``torch.optim``'s kernels; with ``found_inf`` (a float
-        0-dim tensor, 1 for a non-finite gradient) the fused kernels skip on the device."""
+    def _plain_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        found_inf: Tensor | None,
+    ) -> None:
+        """Step plain tensors in place by ``torch.optim``'s kernels (``states[i]`` is the state
+        dict of ``params[i]``; entries it creates or replaces are kept); with ``found_inf`` (a
+        float 0-dim tensor, 1 for a non-finite gradient) the fused kernels skip on the device."""
         raise NotImplementedError
 
     def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -463,6 +482,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
             for static, *params in self._group_buckets(group).values():
                 if isinstance(static.manifold, Euclidean):
                     pending.append(self._plain_bucket(group, params, static.dtype))
+                elif static.sharded:
+                    pending.append(self._sharded_manifold_bucket(group, static, params))
                 else:
                     pending.append(
                         self._manifold_bucket(group, static.manifold, static.point_shape, static.dtype, params)
@@ -515,15 +536,23 @@ class BucketedOptimizer(torch.optim.Optimizer):
         dtype = geometry_dtype(manifold, param.dtype)
         value = (manifold, manifold.point_shape(param.shape), dtype, param.device)
         # equal manifolds (by value) share one small integer, so grouping never hashes a manifold
-        number = self._static_ids.setdefault(value, len(self._static_ids))
-        own_bucket = param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean)
+        sharded = is_sharded(param)
+        number = self._static_ids.setdefault((*value, sharded), len(self._static_ids))
+        own_bucket = param.numel() >= STACK_BELOW and not isinstance(manifold, Euclidean) and not sharded
         declared = getattr(param, "manifold", None) is not None and not isinstance(manifold, Euclidean)
-        return _StaticKey(number, *value, own_bucket, param.shape, param.dtype, declared)
+        return _StaticKey(number, *value, own_bucket, param.shape, param.dtype, declared, sharded)
 
     def _manifold_bucket(
-        self, group: dict[str, Any], manifold: Manifold, point_shape: tuple[int, ...], dtype: torch.dtype, params
+        self,
+        group: dict[str, Any],
+        manifold: Manifold,
+        point_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        params: list[Tensor],
+        states: list[dict[str, Any]] | None = None,
     ) -> _Pending:
-        bucket = Bucket(manifold, point_shape, dtype, params, [self.state[p] for p in params])
+        states = [self.state[p] for p in params] if states is None else states
+        bucket = Bucket(manifold, point_shape, dtype, params, states)
         # one shared workspace when each bucket is written before the next is computed
         if torch.compiler.is_compiling():
             workspace = Workspace(enabled=False)
@@ -547,23 +576,101 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
         return _Pending(update.ok, commit, lambda: _describe("gradient or update", manifold, params))
 
+    def _sharded_manifold_bucket(self, group: dict[str, Any], static: _StaticKey, params: list[Tensor]) -> _Pending:
+        """A bucket of FSDP2-sharded manifold parameters: each rank steps the whole matrices it
+        owns (see :mod:`manifold_opt.optim.sharded`), and the new rows return to their shards."""
+        for param in params:
+            check_row_sharded(param)
+        mesh = params[0].device_mesh
+        process_group = mesh.get_group()
+        states = [self.state[p] for p in params]
+        names = [n for n in self._tangent_state_names(group) if all(n in state for state in states)]
+        exchange = Exchange([p.shape for p in params], mesh.size(), mesh.get_local_rank(), 2 + len(names))
+        local = [
+            [t.to(static.dtype) for t in (p.to_local(), p.grad.to_local(), *(s[n].to_local() for n in names))]
+            for p, s in zip(params, states)
+        ]
+        owned = exchange.owned
+        full = gather_to_owners(exchange, local, process_group)
+        whole_params, whole_states = [], []
+        for i, (x, grad, *tangent) in zip(owned, full):
+            whole = x.to(params[i].dtype)
+            whole.grad = grad.to(params[i].grad.dtype)
+            whole_params.append(whole)
+            state = {k: v for k, v in states[i].items() if not is_sharded(v)}  # per-point: replicated
+            state.update(zip(names, tangent))
+            whole_states.append(state)
+        inner = None
+        if owned:
+            inner = self._manifold_bucket(
+                group, static.manifold, static.point_shape, static.dtype, whole_params, whole_states
+            )
+        ok = inner.ok if inner is not None else torch.ones((), dtype=torch.bool, device=params[0].to_local().device)
+        if self.nonfinite == "raise":  # every rank takes the same decision
+            ok = LocalShards(params, states).all_ranks(ok)
+
+        def commit() -> None:
+            if inner is not None:
+                inner.commit()
+            after = list(self._tangent_state_names(group))
+            for param, state in zip(params, states):
+                for name in after:
+                    if name not in state:  # created by this step (e.g. SGD's first momentum buffer)
+                        state[name] = torch.zeros_like(param, dtype=static.dtype)
+            new = [[whole, *(state[n] for n in after)] for whole, state in zip(whole_params, whole_states)]
+            targets = [[p.to_local(), *(s[n].to_local() for n in after)] for p, s in zip(params, states)]
+            exchange.kinds = 1 + len(after)
+            scatter_from_owners(exchange, [[t.to(static.dtype) for t in row] for row in new], targets, process_group)
+            replicated = sorted({k for s in whole_states for k, v in s.items() if isinstance(v, Tensor)} - set(after))
+            replicated = [k for k in replicated if not k.endswith((TRACKING, TRACKING_AGE))]
+            for j, i in enumerate(owned):
+                for key in replicated:
+                    states[i][key] = whole_states[j][key].clone()
+            for key in self._replicated_state_names(group, static.manifold):
+                values = [state[key] for state in states if key in state]
+                if len(values) == len(states):
+                    all_reduce_owned(exchange, values, process_group)
+
+        return _Pending(ok, commit, lambda: _describe("gradient or update", static.manifold, params))
+
+    def _tangent_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """States in the parameter's layout after a step (sharded like the parameter under FSDP2)."""
+        return ()
+
+    def _replicated_state_names(self, group: dict[str, Any], manifold: Manifold) -> tuple[str, ...]:
+        """States of one number per point (or per parameter) of a manifold parameter."""
+        return ()
+
     def _plain_bucket(self, group: dict[str, Any], params: list[Tensor], dtype: torch.dtype) -> _Pending:
-        ok = grads_finite([p.grad for p in params])
+        sharded = is_sharded(params[0])
+        states = [self.state[p] for p in params]
+        if sharded:  # elementwise work on the local shards, as torch.optim does under FSDP2
+            shards = LocalShards(params, states)
+            params, grads, states = shards.params, shards.grads, shards.states
+            ok = shards.all_ranks(grads_finite(grads))
+        else:
+            grads = [p.grad for p in params]
+            ok = grads_finite(grads)
         fused = self._plain_is_fused(group, params)
         check_after = self._plain_needs_check(group)
 
         def commit() -> None:
             if self.nonfinite == "raise" or (fused and not check_after):
                 # raise: every gradient is finite by now; fused: the kernel skips on found_inf
-                self._plain_step(group, params, None if self.nonfinite == "raise" else (~ok).to(torch.float32))
+                found_inf = None if self.nonfinite == "raise" else (~ok).to(torch.float32)
+                self._plain_step(group, params, grads, states, found_inf)
                 if self.nonfinite == "skip":
                     self._count_skip(~ok)
-                return
-            keep = _snapshot(params, [self.state[p] for p in params])
-            self._plain_step(group, params, None)
-            valid = ok & all_finite(*[p.detach() for p in params]) if check_after else ok
-            keep.restore(valid)
-            self._count_skip(~valid)
+            else:
+                keep = _snapshot(params, states)
+                self._plain_step(group, params, grads, states, None)
+                valid = ok & all_finite(*[p.detach() for p in params]) if check_after else ok
+                if sharded:
+                    valid = shards.all_ranks(valid)
+                keep.restore(valid)
+                self._count_skip(~valid)
+            if sharded:
+                shards.store_states()
 
         return _Pending(ok, commit, lambda: _describe("gradient", EUCLIDEAN, params))
 
@@ -644,11 +751,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
             self.declared_manifold(group, param)  # raises on a disagreeing .manifold
             group["manifold"].point_shape(param.shape)  # raises a ValueError naming the shape
             with torch.no_grad():
-                projected = _onto_manifold_when_loaded(
-                    param.detach(), group["manifold"], quiet=True, what="a param group's manifold"
-                )
-                if projected is not param.detach() and projected.data_ptr() != param.data_ptr():
-                    param.copy_(projected)
+                if is_sharded(param):  # the whole matrices, once, at construction
+                    value, (start, end) = full_tensor_rows(param.detach())
+                    target = param.to_local()
+                else:
+                    value, (start, end), target = param.detach(), (0, param.shape[0] if param.dim() else 0), param
+                projected = _onto_manifold_when_loaded(value, group["manifold"], quiet=True, what="a param group")
+                if projected is not value:
+                    target.copy_(projected[start:end] if is_sharded(param) else projected)
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim``; a group's ``"manifold"`` is saved as plain data (a dict naming

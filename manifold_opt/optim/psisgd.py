@@ -16,6 +16,7 @@ from ..manifolds.psi import PSI
 from .base import EUCLIDEAN, Bucket, BucketUpdate, check_nonnegative
 from .psi_detection import gather_statistics
 from .sgd import RiemannianSGD
+from .sharded import is_sharded
 
 PSI_ROWS = PSI(batch_dims=1)
 PSI_VERDICT, EUCLIDEAN_VERDICT = 1, 0
@@ -209,7 +210,8 @@ class PSISGD(RiemannianSGD):
             pending.append((param, 1))
         if not pending:
             return
-        statistics = gather_statistics([(p, p.grad, batch_dims) for p, batch_dims in pending])
+        # sharded (FSDP2) parameters are checked whole: an all-gather during the checking steps only
+        statistics = gather_statistics([(_whole(p), _whole(p.grad), batch_dims) for p, batch_dims in pending])
         for (param, _), (max_cos, determined, zero_rows, tensor_cos) in zip(pending, statistics):
             declared = self.declared_manifold(group, param)
             if math.isnan(max_cos) or determined == 0:
@@ -335,6 +337,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, tuple):
         return "×".join(map(str, value)) or "scalar"
     return str(value)
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def _detectable(param: Tensor) -> bool:

@@ -111,6 +111,9 @@ class RiemannianSGD(BucketedOptimizer):
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         return "momentum_buffer" in state, tracking_key(state, "momentum_buffer")
 
+    def _tangent_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] else ()
+
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket, workspace: Workspace) -> BucketUpdate:
         tracking, refresh = tracking_inputs(bucket, "momentum_buffer")
         update = sgd_update(
@@ -144,10 +147,16 @@ class RiemannianSGD(BucketedOptimizer):
         # a skipped first step with dampening would leave the fused kernel's buffers unset
         return plain_implementation(group, params, FUSED_KERNEL) == "fused" and not (first and group["dampening"])
 
-    def _plain_step(self, group: dict[str, Any], params: list[Tensor], found_inf: Tensor | None) -> None:
+    def _plain_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        found_inf: Tensor | None,
+    ) -> None:
         """``torch.optim.sgd.sgd`` (the functional form of ``torch.optim.SGD``) on plain tensors."""
         implementation = plain_implementation(group, params, FUSED_KERNEL)
-        states = [self.state[p] for p in params]
         buffers = [state.get("momentum_buffer") for state in states]
         first = all(b is None for b in buffers)
         if implementation == "fused" and group["momentum"] != 0 and group["dampening"] == 0 and first:
@@ -156,7 +165,7 @@ class RiemannianSGD(BucketedOptimizer):
             buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         torch_sgd(
             params,
-            [p.grad for p in params],
+            grads,
             buffers,
             foreach=implementation == "foreach",
             fused=implementation == "fused",

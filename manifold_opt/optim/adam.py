@@ -190,7 +190,7 @@ class RiemannianAdam(BucketedOptimizer):
             torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))
 
     # ------------------------------------------------------------ plain tensors
-    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> bool:
         return plain_implementation(group, params, FUSED_KERNEL) == "fused"
 
     def _plain_needs_check(self, group: dict[str, Any]) -> bool:

@@ -455,7 +455,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         float 0-dim tensor, 1 for a non-finite gradient) the fused kernels skip on the device."""
         raise NotImplementedError
 
-    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> bool:
         """Whether :meth:`_plain_step` runs a fused kernel (which honours ``found_inf``)."""
         return False
 
@@ -651,7 +651,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         else:
             grads = [p.grad for p in params]
             ok = grads_finite(grads)
-        fused = self._plain_is_fused(group, params)
+        fused = self._plain_is_fused(group, params, states)
         check_after = self._plain_needs_check(group)
 
         def commit() -> None:

@@ -142,8 +142,8 @@ class RiemannianSGD(BucketedOptimizer):
         return BucketUpdate(update.x, writes, ok, drop, on_commit)
 
     # ------------------------------------------------------------ plain tensors
-    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        first = group["momentum"] != 0 and "momentum_buffer" not in self.state[params[0]]
+    def _plain_is_fused(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+        first = group["momentum"] != 0 and "momentum_buffer" not in states[0]
         # a skipped first step with dampening would leave the fused kernel's buffers unset
         return plain_implementation(group, params, FUSED_KERNEL) == "fused" and not (first and group["dampening"])
 

@@ -1,9 +1,9 @@
 """What ONI and weight conditioning do to the singular values of a weight (no training).
 
 * ONI on Kaiming-initialized kernels: sigma_min and sigma_max of the orthogonalized matrix
-  against the iteration count T, in row mode (64 x 576, a 64->64 3x3 conv, ALGORITHMS.md's
-  table) and column mode (64 x 27, a 3->64 3x3 conv), centered and not, over seeds; and the
-  official column mode (no division of S by its norm) on the same 64 x 27 kernel.
+  against the iteration count T, in row mode (64 x 576, a 64->64 3x3 conv, the reference
+  table of tests/test_oni.py) and column mode (64 x 27, a 3->64 3x3 conv), centered and
+  not, over seeds; and the official column mode (no division of S by its norm) on the same 64 x 27 kernel.
 * Weight conditioning on matrices made ill-conditioned by row scales (log-normal) and on an
   intrinsically low-rank matrix (rank 8 plus noise), 128 x 256.
 

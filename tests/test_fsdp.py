@@ -231,3 +231,33 @@ def test_a_distributed_checkpoint_of_2_ranks_resumes_on_4() -> None:
     assert set(gaps) == set(OPTIMIZERS)
     for name, gap in gaps.items():  # FSDP2 rounds gradients differently on 4 ranks than on 2
         assert gap <= 3e-6, (name, gap)
+
+
+def _oialr_worker(rank: int, world: int, port: int, out: str) -> None:
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from manifold_opt.lowrank import OIALR
+
+        model = _shard(make_model(), init_device_mesh("cpu", (world,)))
+        opt = torch.optim.AdamW(model.parameters())
+        try:
+            OIALR(model, opt)
+            message = "no error"
+        except NotImplementedError as error:
+            message = str(error)
+        if rank == 0:
+            Path(out).write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_oialr_refuses_an_fsdp2_model_with_a_clear_error() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        out = str(Path(directory) / "message.txt")
+        mp.spawn(_oialr_worker, args=(2, free_port(), out), nprocs=2, join=True)
+        message = Path(out).read_text()
+    assert "OIALR does not support FSDP2-sharded models" in message and "DistributedDataParallel" in message

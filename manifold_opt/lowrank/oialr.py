@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..manifolds import Euclidean, Stiefel
 from ..optim.base import BucketedOptimizer, manifold_of
+from ..optim.sharded import is_sharded
 from .layers import CONV_TYPES, LowRankConv, LowRankLayer, LowRankLinear, geometry_dtype, thin_svd, weight_matrix
 from .optimizer_state import (
     DEFAULT_STATE_KINDS,
@@ -209,6 +210,13 @@ class OIALR:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+        if sharded:
+            raise NotImplementedError(
+                f"OIALR does not support FSDP2-sharded models (parameter {sharded[0]!r} is a DTensor): its "
+                "conversions replace layers and re-factor whole weights. Use DistributedDataParallel (supported) "
+                "rather than fully_shard"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_int("delay", delay, 0)

@@ -1,4 +1,4 @@
-"""Problems with known optima (ALGORITHMS.md §8), for every retraction."""
+"""Problems with known optima, for every retraction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Generic properties of every manifold and retraction (DESIGN.md, "Tests")."""
+"""Generic properties of every manifold and retraction."""
 
 from __future__ import annotations
 

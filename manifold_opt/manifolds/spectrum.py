@@ -1,6 +1,6 @@
 r"""The conditioned-spectrum set: matrices whose singular values lie in a band.
 
-Two forms (ALGORITHMS.md §5; our design, not the weight-conditioning paper's):
+Two forms (our design, not the weight-conditioning paper's):
 
 * the fixed band :math:`\{W : a \le \sigma_i(W) \le b\}`;
 * the condition-number bound :math:`\{W : \sigma_{\max}(W) \le \kappa\, \sigma_{\min}(W)\}`,

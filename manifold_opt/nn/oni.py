@@ -3,7 +3,6 @@ r"""ONI: orthogonalization by Newton's iteration, as a forward-pass reparametriz
 Huang, Liu, Zhu, Wan, Yuan, Li, Shao, "Controllable Orthogonalization in Training DNNs"
 (CVPR 2020, arXiv 2004.00917); official code ``huangleiBuaa/ONI``
 (``extension/normalization/NormedConv.py``, ``ONINorm`` and ``ONINorm_colum``).
-ALGORITHMS.md §4.
 """
 
 from __future__ import annotations

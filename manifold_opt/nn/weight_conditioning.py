@@ -1,7 +1,7 @@
 r"""Weight conditioning: row (and/or column) equilibration of a weight in the forward pass.
 
 Saratchandran, Wang, Lucey, "Weight Conditioning for Smooth Optimization of Neural
-Networks" (ECCV 2024, arXiv 2409.03424). ALGORITHMS.md §5. The paper's aim [paper] is to
+Networks" (ECCV 2024, arXiv 2409.03424). The paper's aim [paper] is to
 narrow the gap between the smallest and largest singular values of the weights; the
 operator below [open] comes from two independent re-implementations, not the paper's body.
 """

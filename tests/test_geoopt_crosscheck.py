@@ -95,3 +95,26 @@ def test_other_geoopt_manifolds_are_stepped_by_geoopts_methods() -> None:
             opt.step()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     assert float(ball.dist(ours.detach(), target).max()) < float(ball.dist(start, target).max())
+
+
+def test_geoopts_canonical_stiefel_steps_with_adam_and_momentum_through_retr_transp() -> None:
+    """geoopt's canonical Stiefel has no standalone ``transp``, only ``retr_transp``: the
+    generic momentum step transports along the retraction in one call, and follows geoopt."""
+    torch.manual_seed(0)
+    start = geoopt.Stiefel().projx(torch.randn(8, 4, dtype=torch.float64))
+    ours = geoopt.ManifoldParameter(start.clone(), manifold=geoopt.Stiefel())
+    theirs = geoopt.ManifoldParameter(start.clone(), manifold=geoopt.Stiefel())
+    ours_opt, theirs_opt = RiemannianAdam([ours], lr=1e-2), geoopt.optim.RiemannianAdam([theirs], lr=1e-2)
+    momentum = RiemannianSGD(
+        [geoopt.ManifoldParameter(start.clone(), manifold=geoopt.Stiefel())], lr=1e-2, momentum=0.9
+    )
+    for _ in range(20):
+        g = torch.randn(8, 4, dtype=torch.float64)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        ours_opt.step()
+        theirs_opt.step()
+        momentum.param_groups[0]["params"][0].grad = g.clone()
+        momentum.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    stepped = momentum.param_groups[0]["params"][0].detach()
+    assert float((stepped.T @ stepped - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-12

@@ -285,8 +285,12 @@ class Manifold(ABC):
                 m_new = self.riemannian_grad(x, g, out=direction).mul_(b)
             else:
                 m_new = self.transport_add_grad(x, m, g, a, b, out=direction)
-        y = self.retract(x, m_new, step_size(norm_sq), workspace=work)
-        stored = m_new if self.transport_is_projection else self.transport(x, y, m_new)
+        t = step_size(norm_sq)
+        if self.transport_is_projection:
+            return MomentumStep(self.retract(x, m_new, t, workspace=work), m_new, norm_sq, None)
+        # retract and transport in one call: some manifolds (geoopt's canonical Stiefel) only
+        # transport along their own retraction
+        y, stored = self.retract_transport(x, m_new, m_new, t, workspace=work)
         return MomentumStep(y, stored, norm_sq, None)
 
     def retract_transport(

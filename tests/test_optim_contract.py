@@ -356,14 +356,6 @@ def test_nonfinite_update_from_finite_gradients_is_not_written() -> None:
     assert torch.isnan(reference).all()  # what we protect against
 
 
-def test_complex_parameters_are_rejected() -> None:
-    z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
-    opt = RiemannianAdam([z], lr=0.1)
-    z.abs().sum().backward()
-    with pytest.raises(TypeError, match="complex"):
-        opt.step()
-
-
 def test_sparse_gradients_are_rejected() -> None:
     embedding = nn.Embedding(5, 3, sparse=True)
     opt = RiemannianSGD(embedding.parameters(), lr=0.1)

@@ -343,3 +343,31 @@ def test_the_invariance_report_prints_as_a_table_with_the_parameter_names() -> N
     assert len(lines) == 2 + len(report) == 8
     assert lines[2].split()[:3] == ["0.weight", "4×1×3×3", "psi"]
     assert report[0]["verdict"] == "psi"  # still a list of dicts
+
+
+# ------------------------------------------------------------------ complex parameters
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_plain_complex_parameters_follow_torch_optim(name: str, foreach) -> None:
+    ours_cls, torch_cls = {"sgd": (RiemannianSGD, torch.optim.SGD), "adam": (RiemannianAdam, torch.optim.Adam)}[name]
+    kwargs = {"lr": 0.01, "momentum": 0.9} if name == "sgd" else {"lr": 0.01, "amsgrad": True}
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 3, dtype=torch.complex64, generator=gen)
+    ours_param, torch_param = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    ours = ours_cls([ours_param], foreach=foreach, **kwargs)
+    theirs = torch_cls([torch_param], foreach=foreach, **kwargs)
+    for _ in range(5):
+        grad = torch.randn(5, 3, dtype=torch.complex64, generator=gen)
+        ours_param.grad, torch_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(ours_param, torch_param, rtol=0, atol=0)
+
+
+def test_complex_parameters_on_a_native_manifold_are_a_clear_error() -> None:
+    param = nn.Parameter(torch.randn(4, 2, dtype=torch.complex64))
+    param.manifold = Stiefel()
+    opt = RiemannianSGD([param], lr=0.1)
+    param.grad = torch.ones_like(param)
+    with pytest.raises(TypeError, match=r"complex parameters on Stiefel.*plain .*or on a geoopt manifold"):
+        opt.step()

@@ -19,6 +19,7 @@ from .base import (
     StateWrite,
     all_finite,
     check_nonnegative,
+    check_stabilize,
     flat_base,
     mark_flat,
     tracking_inputs,
@@ -57,6 +58,9 @@ class RiemannianAdam(BucketedOptimizer):
         weight_decay: L2 penalty λ (default 0).
         amsgrad: keep the running maximum of ``v``.
         maximize: maximize the objective instead of minimizing it.
+        stabilize: every ``stabilize`` steps, project the group's manifold parameters onto
+            their manifolds and ``exp_avg`` onto the tangent spaces (geoopt's argument; default
+            None: never).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient.
 
     Example:
@@ -83,6 +87,7 @@ class RiemannianAdam(BucketedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        stabilize: int | None = None,
         nonfinite: str = "skip",
     ) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
@@ -114,6 +119,7 @@ class RiemannianAdam(BucketedOptimizer):
             capturable=False,
             differentiable=False,
         )
+        defaults["stabilize"] = check_stabilize(stabilize)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, manifold: Manifold, dtype: torch.dtype) -> None:
@@ -224,6 +230,7 @@ class RiemannianAdam(BucketedOptimizer):
             fused=implementation == "fused",
             capturable=capturable,
             found_inf=found_inf if implementation == "fused" else None,
+            has_complex=any(torch.is_complex(p) for p in params),
             amsgrad=group["amsgrad"],
             beta1=beta1,
             beta2=beta2,

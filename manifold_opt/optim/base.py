@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
+from ..manifolds import Euclidean, GeooptManifold, Manifold, from_geoopt, is_geoopt_manifold
 from ..manifolds.base import Workspace, manifold_from_spec, manifold_spec
 from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
 from .functional import keep_on_manifold
@@ -392,6 +392,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self._workspace = Workspace()
         self._static_keys: dict[Tensor, _StaticKey] = {}
         self._static_ids: dict[tuple[Any, ...], int] = {}
+        self._stabilize_counts: dict[int, int] = {}
         super().__init__(params, defaults)
 
     @property
@@ -492,7 +493,31 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     pending.pop().commit()
         if pending:
             self._raise_or_commit(pending)
+        self._stabilize()
         return loss
+
+    def _stabilize(self) -> None:
+        """geoopt's ``stabilize=N``: every N steps of a group, its manifold parameters are
+        projected onto their manifolds and their tangent states onto the tangent spaces."""
+        for index, group in enumerate(self.param_groups):
+            every = group.get("stabilize")
+            if not every:
+                continue
+            count = self._stabilize_counts[index] = self._stabilize_counts.get(index, 0) + 1
+            if count % every:
+                continue
+            with torch.no_grad():
+                for param in group["params"]:
+                    manifold = self._manifold(group, param)
+                    if isinstance(manifold, Euclidean) or is_sharded(param) or param.numel() == 0:
+                        continue
+                    x = manifold.project(manifold.to_points(param.detach()))
+                    param.copy_(manifold.from_points(x, param.shape))
+                    state = self.state.get(param, {})
+                    for name in self._tangent_state_names(group):
+                        if isinstance(state.get(name), Tensor):
+                            tangent = manifold.project_tangent(x, manifold.to_points(state[name]).to(x.dtype))
+                            state[name].copy_(manifold.from_points(tangent, param.shape))
 
     def _group_buckets(self, group: dict[str, Any]) -> dict[Hashable, list[Tensor]]:
         """The group's parameters with gradients, by bucket key (see :meth:`_static_key`)."""
@@ -528,10 +553,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def _static_key(self, param: Tensor, manifold: Manifold) -> _StaticKey:
         """What a parameter's bucket depends on besides its state, computed once per parameter
         and reused while its manifold object, shape, dtype and device stay the same."""
-        if param.is_complex():
+        if param.is_complex() and not isinstance(manifold, (Euclidean, GeooptManifold)):
             raise TypeError(
-                f"{type(self).__name__} does not support complex parameters (got one of shape "
-                f"{tuple(param.shape)}, {param.dtype}); optimize torch.view_as_real(...) of it instead"
+                f"{type(self).__name__} does not support complex parameters on {manifold!r} (got one of shape "
+                f"{tuple(param.shape)}, {param.dtype}): complex parameters are stepped when plain (as torch.optim "
+                "steps them) or on a geoopt manifold; optimize torch.view_as_real(...) of it instead"
             )
         dtype = geometry_dtype(manifold, param.dtype)
         value = (manifold, manifold.point_shape(param.shape), dtype, param.device)
@@ -694,7 +720,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- checkpoints
     # caches rebuilt on demand; torch.optim's hooks are not pickled (as in torch.optim)
-    _NOT_PICKLED = ("_workspace", "_static_keys", "_static_ids")
+    _NOT_PICKLED = ("_workspace", "_static_keys", "_static_ids")  # rebuilt by __setstate__
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but caches and hooks, so that ``copy.deepcopy`` and pickling keep every
@@ -715,6 +741,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         "amsgrad": False,
         "nesterov": False,
         "capturable": False,
+        "stabilize": None,
     }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -730,6 +757,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self._workspace = Workspace()
         self._static_keys = {}
         self._static_ids = {}
+        self.__dict__.setdefault("_stabilize_counts", {})
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("reprojected_points", 0)
         self.__dict__.setdefault("_skipped", {})
@@ -896,6 +924,15 @@ class _snapshot:  # noqa: N801 - used like a function
                     torch.where(ok.to(value.device), value, old, out=value)
                 elif key not in keys:  # created by this step (e.g. SGD's first momentum buffer)
                     torch.where(ok.to(value.device), value, torch.zeros((), dtype=value.dtype), out=value)
+
+
+def check_stabilize(stabilize: Any) -> int | None:
+    """geoopt's ``stabilize``: None, or a positive int (re-project every that many steps)."""
+    if stabilize is None:
+        return None
+    if not isinstance(stabilize, int) or isinstance(stabilize, bool) or stabilize < 1:
+        raise ValueError(f"stabilize must be None or an int >= 1 (steps between re-projections), got {stabilize!r}")
+    return stabilize
 
 
 def check_nonnegative(name: str, value: Any) -> None:

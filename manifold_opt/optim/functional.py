@@ -31,10 +31,15 @@ class Update:
     finite: Tensor | None = None  # x and momentum finite, when the manifold knows it cheaply
 
 
-def _moved(manifold: Manifold, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
-    """The momentum to store after a step to ``y``: as it is for lazy (projection) transports,
-    transported now otherwise."""
-    return m if manifold.transport_is_projection else manifold.transport(x, y, m)
+def _retract_keeping(
+    manifold: Manifold, x: Tensor, d: Tensor, t: float, m: Tensor, workspace: Workspace
+) -> tuple[Tensor, Tensor]:
+    """``y = R_x(t d)`` and the momentum ``m`` to store: as it is for lazy (projection)
+    transports, else transported along the step in the same call (``retract_transport``:
+    some manifolds, e.g. geoopt's canonical Stiefel, transport only along their retraction)."""
+    if manifold.transport_is_projection:
+        return manifold.retract(x, d, t, workspace=workspace), m
+    return manifold.retract_transport(x, d, m, t, workspace=workspace)
 
 
 def sgd_update(
@@ -80,8 +85,7 @@ def sgd_update(
         else:
             m = manifold.transport_add_grad(x, momentum_buffer, g, momentum, 1 - dampening)
             d = manifold.transport_add_grad(x, momentum_buffer, g, momentum**2, 1 + momentum * (1 - dampening))
-        y = manifold.retract(x, d, -lr, workspace=workspace)
-        return Update(y, _moved(manifold, x, y, m))
+        return Update(*_retract_keeping(manifold, x, d, -lr, m, workspace))
     first = momentum_buffer is None  # torch.optim's first step: m = r
     step = manifold.momentum_step(
         x,

@@ -17,6 +17,7 @@ from .base import (
     StateWrite,
     all_finite,
     check_nonnegative,
+    check_stabilize,
     tracking_inputs,
     tracking_key,
     tracking_outputs,
@@ -59,6 +60,9 @@ class RiemannianSGD(BucketedOptimizer):
             :mod:`manifold_opt.optim.plain`): ``None`` (default) uses torch's fused kernel
             where it exists, else its ``foreach`` one.
         differentiable: accepted for torch.optim's signature; only ``False``.
+        stabilize: project every manifold parameter of the group back onto its manifold
+            (and its momentum onto the tangent space) every ``stabilize`` steps, as geoopt's
+            argument of the same name (default None: never; the retractions are exact).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see
             :class:`~manifold_opt.optim.base.BucketedOptimizer`).
 
@@ -85,6 +89,7 @@ class RiemannianSGD(BucketedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        stabilize: int | None = None,
         nonfinite: str = "skip",
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -106,6 +111,7 @@ class RiemannianSGD(BucketedOptimizer):
             fused=fused,
             differentiable=False,
         )
+        defaults["stabilize"] = check_stabilize(stabilize)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:

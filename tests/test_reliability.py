@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 
 import numpy as np
@@ -371,3 +372,24 @@ def test_complex_parameters_on_a_native_manifold_are_a_clear_error() -> None:
     param.grad = torch.ones_like(param)
     with pytest.raises(TypeError, match=r"complex parameters on Stiefel.*plain .*or on a geoopt manifold"):
         opt.step()
+
+
+@pytest.mark.parametrize("make", [RiemannianSGD, RiemannianAdam], ids=lambda c: c.__name__)
+def test_stabilize_reprojects_every_n_steps_of_its_group(make) -> None:
+    weight = ManifoldParameter(torch.randn(8, 3), Stiefel())
+    other = ManifoldParameter(torch.randn(8, 3), Stiefel())
+    kwargs = {"momentum": 0.9} if make is RiemannianSGD else {}
+    opt = make([{"params": [weight], "stabilize": 3}, {"params": [other]}], lr=1e-3, **kwargs)
+    assert opt.param_groups[1]["stabilize"] is None
+    with pytest.raises(ValueError, match="stabilize must be None or an int >= 1"):
+        make([weight], stabilize=0)
+    for step in range(1, 7):
+        with torch.no_grad():  # knocked off the manifold by something outside the optimizer
+            weight.mul_(1.01)
+            other.mul_(1.01)
+        # skipped steps (NaN gradients): only the stabilization can bring the points back
+        weight.grad, other.grad = torch.full((8, 3), math.nan), torch.full((8, 3), math.nan)
+        opt.step()
+        on = float(Stiefel().distance_to_manifold(weight.detach())) < 1e-5
+        assert on == (step % 3 == 0), step
+    assert float(Stiefel().distance_to_manifold(other.detach())) > 1e-3  # its group has no stabilize

@@ -15,6 +15,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import geoopt
 
+geoopt_optim = geoopt.optim
+assert geoopt_optim.RiemannianAdam is not RiemannianAdam  # geoopt's own, the reference
 F64 = torch.float64
 
 
@@ -118,3 +120,55 @@ def test_geoopts_canonical_stiefel_steps_with_adam_and_momentum_through_retr_tra
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     stepped = momentum.param_groups[0]["params"][0].detach()
     assert float((stepped.T @ stepped - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-12
+
+
+GEOOPT_TRAJECTORY_CASES = {
+    "Sphere": (lambda: geoopt.Sphere(), lambda m: m.projx(torch.randn(5, dtype=torch.float64))),
+    "EuclideanStiefel": (lambda: geoopt.EuclideanStiefel(), lambda m: m.projx(torch.randn(6, 3, dtype=torch.float64))),
+    "Stiefel": (lambda: geoopt.Stiefel(), lambda m: m.projx(torch.randn(6, 3, dtype=torch.float64))),
+    "PoincareBall": (lambda: geoopt.PoincareBall(), lambda m: m.expmap0(0.3 * torch.randn(4, dtype=torch.float64))),
+    "Lorentz": (lambda: geoopt.Lorentz(), lambda m: m.projx(torch.randn(4, dtype=torch.float64))),
+    "SPD": (lambda: geoopt.SymmetricPositiveDefinite(), lambda m: m.random(3, 3, dtype=torch.float64)),
+    "Euclidean(ndim=1)": (lambda: geoopt.Euclidean(ndim=1), lambda m: torch.randn(3, 4, dtype=torch.float64)),
+    "ProductManifold": (
+        lambda: geoopt.ProductManifold((geoopt.Sphere(), 3), (geoopt.Euclidean(), 2)),
+        lambda m: m.projx(torch.randn(5, dtype=torch.float64)),
+    ),
+    "UpperHalf": (lambda: geoopt.UpperHalf(rank=2), lambda m: m.random(2, 2, dtype=torch.complex128)),
+}
+GEOOPT_OPTIMIZERS = {
+    "adam": ({"lr": 1e-2}, RiemannianAdam, "RiemannianAdam"),
+    "adam-amsgrad": ({"lr": 1e-2, "amsgrad": True}, RiemannianAdam, "RiemannianAdam"),
+    "sgd": ({"lr": 1e-2}, RiemannianSGD, "RiemannianSGD"),
+    "sgd-momentum": ({"lr": 1e-2, "momentum": 0.9, "dampening": 0.1}, RiemannianSGD, "RiemannianSGD"),
+    "sgd-nesterov": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True}, RiemannianSGD, "RiemannianSGD"),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(GEOOPT_OPTIMIZERS))
+@pytest.mark.parametrize("case", list(GEOOPT_TRAJECTORY_CASES))
+def test_geoopt_parameters_follow_geoopts_own_optimizers_for_100_steps(case: str, optimizer: str) -> None:
+    """float64, 100 steps, every geoopt manifold (complex ones included): geoopt's second
+    moment convention (component_inner) always, geoopt's first momentum step with
+    momentum_init="geoopt"."""
+    make_manifold, start_on = GEOOPT_TRAJECTORY_CASES[case]
+    kwargs, ours_cls, name = GEOOPT_OPTIMIZERS[optimizer]
+    if case == "UpperHalf" and kwargs.get("amsgrad"):
+        pytest.skip("geoopt's own AMSGrad fails on complex manifolds (torch.maximum of its complex second moment)")
+    manifold = make_manifold()
+    torch.manual_seed(1)
+    start = start_on(manifold)
+    ours = geoopt.ManifoldParameter(start.clone(), manifold=manifold)
+    theirs = geoopt.ManifoldParameter(start.clone(), manifold=manifold)
+    extra = {"momentum_init": "geoopt"} if "momentum" in kwargs else {}
+    ours_opt = ours_cls([ours], **kwargs, **extra)
+    theirs_opt = getattr(geoopt_optim, name)([theirs], **kwargs)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(100):
+        grad = torch.randn(start.shape, generator=gen, dtype=torch.float64)
+        if start.is_complex():
+            grad = torch.complex(grad, torch.randn(start.shape, generator=gen, dtype=torch.float64))
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    assert float((ours - theirs).detach().abs().max()) < 1e-9

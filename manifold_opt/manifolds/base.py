@@ -206,6 +206,19 @@ class Manifold(ABC):
         """Vector transport of ``v`` from the tangent space at ``x`` to the one at ``y``."""
 
     @property
+    def second_moment_layout(self) -> str:
+        """Layout of Adam's second moment on this manifold: ``"scalar"`` (one number per
+        point, :math:`\\langle r, r\rangle_x`; every native manifold) or ``"tangent"`` (one per
+        coordinate, :meth:`second_moment_increment` like the point; geoopt manifolds whose
+        ``component_inner`` is component-wise, e.g. ``Euclidean(ndim=1)``, ``ProductManifold``)."""
+        return "scalar"
+
+    def second_moment_increment(self, x: Tensor, r: Tensor) -> Tensor:
+        """What Adam's second moment averages: :math:`\\langle r, r\rangle_x` per point by
+        default (see :attr:`second_moment_layout`)."""
+        return self.inner(x, r, r)
+
+    @property
     def transport_is_projection(self) -> bool:
         """True when :meth:`transport` is the tangent projection at the destination,
         ``transport(x, y, v) = project_tangent(y, v)``.
@@ -276,7 +289,7 @@ class Manifold(ABC):
         work = workspace if workspace is not None else Workspace()
         if needs_grad_norm:
             r = self.riemannian_grad(x, g, out=work.like("gradient", x))
-            norm_sq = self.inner(x, r, r)
+            norm_sq = self.second_moment_increment(x, r)
             m_new = r.mul_(b) if m is None else self.transport_add(x, m, r, a, b, out=r)
         else:
             norm_sq = None

@@ -72,11 +72,13 @@ class GeooptManifold(Manifold):
     def project(self, x: Tensor) -> Tensor:
         return self.manifold.projx(x)
 
+    # some geoopt manifolds (Lorentz) write into their argument: they get copies, so that a
+    # gradient or a stored momentum is never modified
     def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
-        return into(out, self.manifold.proju(x, u))
+        return into(out, self.manifold.proju(x, u.clone()))
 
     def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
-        return into(out, self.manifold.egrad2rgrad(x, g))
+        return into(out, self.manifold.egrad2rgrad(x, g.clone()))
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         return self.manifold.retr(x, u * t)
@@ -91,6 +93,21 @@ class GeooptManifold(Manifold):
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         return self.manifold.inner(x, u, v, keepdim=True)
+
+    @property
+    def second_moment_layout(self) -> str:
+        """geoopt's convention: Adam averages ``component_inner``, which is one number per
+        coordinate where a geoopt manifold overrides it (``Euclidean``, ``ProductManifold``)
+        and the point's inner product otherwise."""
+        import geoopt
+
+        own = type(self.manifold).component_inner
+        return "scalar" if own is geoopt.manifolds.base.Manifold.component_inner else "tangent"
+
+    def second_moment_increment(self, x: Tensor, r: Tensor) -> Tensor:
+        if self.second_moment_layout == "scalar":
+            return self.inner(x, r, r)
+        return self.manifold.component_inner(x, r)
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:
         gap = (self.manifold.projx(x) - x).abs()

@@ -132,7 +132,7 @@ class RiemannianAdam(BucketedOptimizer):
         state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         names = ["exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg_sq"]
         for name in names:
-            if plain:
+            if plain or manifold.second_moment_layout == "tangent":
                 state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
             else:  # one number per point, replicated on every rank of a sharded parameter
                 state[name] = torch.zeros(manifold.batch_shape(param.shape), dtype=dtype, device=param.device)
@@ -156,8 +156,8 @@ class RiemannianAdam(BucketedOptimizer):
             bucket.x,
             bucket.grad,
             bucket.state("exp_avg"),
-            bucket.state("exp_avg_sq", "scalar"),
-            bucket.state("max_exp_avg_sq", "scalar") if group["amsgrad"] else None,
+            bucket.state("exp_avg_sq", bucket.manifold.second_moment_layout),
+            bucket.state("max_exp_avg_sq", bucket.manifold.second_moment_layout) if group["amsgrad"] else None,
             step=step,
             lr=group["lr"],
             beta1=beta1,
@@ -171,9 +171,10 @@ class RiemannianAdam(BucketedOptimizer):
             in_place=self.nonfinite == "skip" and not torch.compiler.is_compiling(),
             workspace=workspace,
         )
-        writes = [StateWrite("exp_avg", update.momentum), StateWrite("exp_avg_sq", update.exp_avg_sq, "scalar")]
+        layout = bucket.manifold.second_moment_layout
+        writes = [StateWrite("exp_avg", update.momentum), StateWrite("exp_avg_sq", update.exp_avg_sq, layout)]
         if update.max_exp_avg_sq is not None:
-            writes.append(StateWrite("max_exp_avg_sq", update.max_exp_avg_sq, "scalar"))
+            writes.append(StateWrite("max_exp_avg_sq", update.max_exp_avg_sq, layout))
         tracked, drop, on_commit = tracking_outputs(bucket, "exp_avg", update.tracking, update.tracking_used, refresh)
         if update.finite is not None:  # the manifold checked x and m on its small intermediates
             ok = update.finite & torch.isfinite(update.exp_avg_sq).all()

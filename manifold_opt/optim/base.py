@@ -861,7 +861,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if key in ("momentum_buffer", "exp_avg"):
             expected = tuple(param.shape)
         elif key in ("exp_avg_sq", "max_exp_avg_sq"):
-            expected = batch
+            expected = tuple(param.shape) if manifold.second_moment_layout == "tangent" else batch
         elif key == "step":
             expected = ()
         shape = tuple(value.shape)

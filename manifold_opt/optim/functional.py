@@ -54,6 +54,7 @@ def sgd_update(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    momentum_init: str = "torch",
     tracking: Tensor | None = None,
     refresh: bool = False,
     in_place: bool = False,
@@ -78,6 +79,14 @@ def sgd_update(
     if momentum == 0:
         d = manifold.riemannian_grad(x, g, out=workspace.like("direction", x))
         return Update(manifold.retract(x, d, -lr, workspace=workspace), None)
+    if momentum_buffer is None and momentum_init == "geoopt":
+        # geoopt's first step: the buffer starts as the raw gradient (not tangent), then
+        # m = mu * buffer + (1 - dampening) r, and Nesterov's direction is r + mu * m
+        raw = grad.neg() if maximize else grad
+        r = manifold.riemannian_grad(x, g)
+        m = r.mul(1 - dampening).add_(raw, alpha=momentum)
+        d = r.add(m, alpha=momentum) if nesterov else m
+        return Update(*_retract_keeping(manifold, x, d, -lr, m, workspace))
     if nesterov:
         if momentum_buffer is None:  # torch.optim's first step: m = r
             m = manifold.riemannian_grad(x, g, out=workspace.like("direction", x))

@@ -25,6 +25,7 @@ from .base import (
 from .functional import sgd_update
 from .plain import check_implementation_options, plain_implementation
 
+MOMENTUM_INITS = ("torch", "geoopt")
 FUSED_KERNEL = "_fused_sgd_"
 
 
@@ -60,6 +61,9 @@ class RiemannianSGD(BucketedOptimizer):
             :mod:`manifold_opt.optim.plain`): ``None`` (default) uses torch's fused kernel
             where it exists, else its ``foreach`` one.
         differentiable: accepted for torch.optim's signature; only ``False``.
+        momentum_init: the first momentum step: ``"torch"`` (default; ``m = r``, as
+            ``torch.optim.SGD``) or ``"geoopt"`` (``m = mu g + (1 - dampening) r`` with ``g`` the
+            raw gradient, as ``geoopt.optim.RiemannianSGD``), to follow geoopt's trajectories.
         stabilize: project every manifold parameter of the group back onto its manifold
             (and its momentum onto the tangent space) every ``stabilize`` steps, as geoopt's
             argument of the same name (default None: never; the retractions are exact).
@@ -90,6 +94,7 @@ class RiemannianSGD(BucketedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         stabilize: int | None = None,
+        momentum_init: str = "torch",
         nonfinite: str = "skip",
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -112,6 +117,9 @@ class RiemannianSGD(BucketedOptimizer):
             differentiable=False,
         )
         defaults["stabilize"] = check_stabilize(stabilize)
+        if momentum_init not in MOMENTUM_INITS:
+            raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, got {momentum_init!r}")
+        defaults["momentum_init"] = momentum_init
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
@@ -133,6 +141,7 @@ class RiemannianSGD(BucketedOptimizer):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            momentum_init=group.get("momentum_init", "torch"),
             tracking=tracking,
             refresh=refresh,
             in_place=self.nonfinite == "skip" and not torch.compiler.is_compiling(),
@@ -165,7 +174,10 @@ class RiemannianSGD(BucketedOptimizer):
         implementation = plain_implementation(group, params, FUSED_KERNEL)
         buffers = [state.get("momentum_buffer") for state in states]
         first = all(b is None for b in buffers)
-        if implementation == "fused" and group["momentum"] != 0 and group["dampening"] == 0 and first:
+        if first and group["momentum"] != 0 and group.get("momentum_init", "torch") == "geoopt":
+            # geoopt's first step: the buffer starts as the raw gradient, then mu * buf + (1 - d) * grad
+            buffers = [(g.neg() if group["maximize"] else g).clone() for g in grads]
+        elif implementation == "fused" and group["momentum"] != 0 and group["dampening"] == 0 and first:
             # zero buffers make the fused kernel's general step equal its first one
             # (0 * momentum + grad), and leave nothing uninitialized if the step is skipped
             buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]

@@ -65,12 +65,21 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    for step in range(STEPS):
+def train(model: nn.Module, opt: torch.optim.Optimizer, start: int = 0, steps: int = STEPS) -> None:
+    for step in range(start, start + steps):
         x, y = batch(step)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+
+
+def _shard(model: nn.Sequential, mesh: object) -> nn.Sequential:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,17 +96,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
         results = {}
         for name, make in OPTIMIZERS.items():
-            sharded = make_model()
-            for layer in sharded:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(sharded, mesh=mesh)
+            sharded = _shard(make_model(), mesh)
             replica = make_model()
             opt, replica_opt = make(groups_of(sharded)), make(groups_of(replica))
             # the optimizer alone: the sharded parameters get the replica's gradients
@@ -117,11 +121,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 "state_type": type(state.get("exp_avg", state.get("momentum_buffer"))).__name__,
             }
             # end to end: FSDP2's own forward, backward and gradient reduction too
-            sharded = make_model()
-            for layer in sharded:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(sharded, mesh=mesh)
+            sharded = _shard(make_model(), mesh)
             train(sharded, make(groups_of(sharded)))
             results[name]["values"] = full_values(sharded)
         if rank == 0:
@@ -164,23 +164,6 @@ def test_fully_sharded_training_equals_a_single_process_run(world: int, single_p
         assert float(Stiefel().distance_to_manifold(results[name]["values"]["0.weight"])) < 2e-6
 
 
-def _shard(model: nn.Sequential, mesh: object) -> nn.Sequential:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
-def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) -> None:
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-
-
 def _checkpoint_worker(rank: int, world: int, port: int, directory: str, phase: str) -> None:
     """``save``: 10 steps, a torch.distributed.checkpoint, 10 more (the reference); ``load``:
     a fresh model and optimizer on another world size load the checkpoint and take the 10 steps."""
@@ -199,10 +182,10 @@ def _checkpoint_worker(rank: int, world: int, port: int, directory: str, phase: 
             opt = make(groups_of(model))
             path = str(Path(directory) / name)
             if phase == "save":
-                _train_steps(model, opt, 0, 10)
+                train(model, opt, 0, 10)
                 model_state, optim_state = get_state_dict(model, opt)
                 dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
-                _train_steps(model, opt, 10, 10)
+                train(model, opt, 10, 10)
                 values = full_values(model)  # all-gathers: on every rank
                 if rank == 0:
                     torch.save(values, path + ".reference.pt")
@@ -212,7 +195,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, directory: str, phase: 
                 dcp.load(loaded, checkpoint_id=path)
                 set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
                 assert opt.param_groups[0]["manifold"] == MANIFOLDS[0]
-                _train_steps(model, opt, 10, 10)
+                train(model, opt, 10, 10)
                 values = full_values(model)
                 if rank == 0:
                     reference = torch.load(path + ".reference.pt", weights_only=True)

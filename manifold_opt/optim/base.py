@@ -18,6 +18,7 @@ anything is written, so a step that raises changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Hashable, Iterable
@@ -35,6 +36,7 @@ from .functional import keep_on_manifold
 from .sharded import (
     Exchange,
     LocalShards,
+    agree_on_all_ranks,
     all_reduce_owned,
     check_row_sharded,
     full_tensor_rows,
@@ -633,7 +635,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             )
         ok = inner.ok if inner is not None else torch.ones((), dtype=torch.bool, device=params[0].to_local().device)
         if self.nonfinite == "raise":  # every rank takes the same decision
-            ok = LocalShards(params, states).all_ranks(ok)
+            ok = agree_on_all_ranks(ok, process_group)
 
         def commit() -> None:
             if inner is not None:
@@ -645,17 +647,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
                         state[name] = torch.zeros_like(param, dtype=static.dtype)
             new = [[whole, *(state[n] for n in after)] for whole, state in zip(whole_params, whole_states)]
             targets = [[p.to_local(), *(s[n].to_local() for n in after)] for p, s in zip(params, states)]
-            exchange.kinds = 1 + len(after)
-            scatter_from_owners(exchange, [[t.to(static.dtype) for t in row] for row in new], targets, process_group)
-            replicated = sorted({k for s in whole_states for k, v in s.items() if isinstance(v, Tensor)} - set(after))
-            replicated = [k for k in replicated if not k.endswith((TRACKING, TRACKING_AGE))]
-            for j, i in enumerate(owned):
-                for key in replicated:
-                    states[i][key] = whole_states[j][key].clone()
+            back = dataclasses.replace(exchange, kinds=1 + len(after))  # parameter and tangent states
+            scatter_from_owners(back, [[t.to(static.dtype) for t in row] for row in new], targets, process_group)
             for key in self._replicated_state_names(group, static.manifold):
-                values = [state[key] for state in states if key in state]
-                if len(values) == len(states):
-                    all_reduce_owned(exchange, values, process_group)
+                if not all(key in state for state in states):  # the same on every rank
+                    continue
+                for j, i in enumerate(owned):  # the step may have replaced the owner's tensor
+                    states[i][key] = whole_states[j][key].clone()
+                all_reduce_owned(exchange, [state[key] for state in states], process_group)
 
         return _Pending(ok, commit, lambda: _describe("gradient or update", static.manifold, params))
 

@@ -133,6 +133,13 @@ def scatter_from_owners(
             offset += numel
 
 
+def agree_on_all_ranks(flag: Tensor, group: object) -> Tensor:
+    """A 0-dim bool flag true on every rank iff it is true on every rank (one all_reduce)."""
+    value = flag.to(torch.float32).reshape(1).clone()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN, group=group)
+    return value[0] > 0
+
+
 def all_reduce_owned(exchange: Exchange, values: Sequence[Tensor], group: object) -> None:
     """Make replicated per-parameter tensors equal on every rank: each keeps the owner's value.
 
@@ -167,10 +174,7 @@ class LocalShards:
         self.group = params[0].device_mesh.get_group()
 
     def all_ranks(self, flag: Tensor) -> Tensor:
-        """A 0-dim bool flag true on every rank iff it is true on every rank (one all_reduce)."""
-        value = flag.to(torch.float32).reshape(1).clone()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return value[0] > 0
+        return agree_on_all_ranks(flag, self.group)
 
     def store_states(self) -> None:
         for param, real, local in zip(self.sharded_params, self.real_states, self.states):

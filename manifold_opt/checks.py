@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .manifolds import Manifold
+from .manifolds.linalg import real_product
 from .optim.base import manifold_of
 
 
@@ -126,7 +127,7 @@ def check_gradient(
     if u is None:
         u = manifold.random_tangent(x, generator=generator)
     scale = float(riemannian.norm() * u.norm()) or 1.0
-    identity = float((manifold.inner(x, riemannian, u).sum() - (euclidean_grad * u).sum()).abs()) / scale
+    identity = float((manifold.inner(x, riemannian, u).sum() - real_product(euclidean_grad, u).sum()).abs()) / scale
     tangent = float((manifold.project_tangent(x, riemannian) - riemannian).norm()) / (float(riemannian.norm()) or 1.0)
     with torch.no_grad():
         f0 = function(x)

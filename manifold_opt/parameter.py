@@ -164,8 +164,13 @@ def _is_manifold_class(cls: type) -> bool:
 
 def _project_checked(data: Tensor, manifold: Manifold) -> Tensor:
     """Project ``data`` onto ``manifold`` or raise a ValueError that says why it cannot."""
-    if not data.is_floating_point():
-        raise ValueError(f"a ManifoldParameter needs floating-point data, got dtype {data.dtype}")
+    if data.is_complex() and not manifold.supports_complex:
+        raise TypeError(
+            f"{manifold!r} holds real points only, got complex data of shape {tuple(data.shape)} ({data.dtype}): "
+            "Stiefel and Sphere take complex parameters; for others put torch.view_as_real(...) of it on the manifold"
+        )
+    if not (data.is_floating_point() or data.is_complex()):
+        raise ValueError(f"a ManifoldParameter needs floating-point or complex data, got dtype {data.dtype}")
     manifold.point_shape(data.shape)  # raises a ValueError naming the shape
     if data.numel() == 0:
         return data
@@ -196,7 +201,7 @@ def _onto_manifold_when_loaded(
 ) -> Tensor:
     """``data`` itself when it lies on ``manifold`` (to :func:`load_tolerance`), else its
     projection, with a warning unless ``quiet``; non-finite values raise."""
-    if not isinstance(manifold, Manifold) or data.numel() == 0 or not data.is_floating_point():
+    if not isinstance(manifold, Manifold) or data.numel() == 0 or not (data.is_floating_point() or data.is_complex()):
         return data
     if not bool(torch.isfinite(data).all()):
         raise ValueError(

@@ -19,12 +19,18 @@ class Case:
     ``order``: the retraction's order (1 or 2; 0 for the exponential map itself).
     ``exact``: the retraction lands on the manifold to working precision for any step
     (False for fixed iteration counts, which rely on the optimizers' drift check).
+    ``complex``: points are complex (unitary matrices, the complex sphere).
     """
 
     id: str
     manifold: Manifold
     order: int
     exact: bool = True
+    complex: bool = False
+
+    def dtype(self, real: torch.dtype = torch.float64) -> torch.dtype:
+        """The points' dtype at the precision of ``real``."""
+        return {torch.float32: torch.complex64, torch.float64: torch.complex128}[real] if self.complex else real
 
     def __str__(self) -> str:
         return self.id
@@ -44,6 +50,14 @@ CASES = [
     Case("spectrum-band", ConditionedSpectrum(sigma_min=0.5, sigma_max=2.0), 0),
     Case("spectrum-newton", ConditionedSpectrum(sigma_min=0.5, sigma_max=2.0, retraction="newton"), 0, exact=False),
     Case("psi", PSI(), 1),
+    Case("sphere-complex", Sphere(), 2, complex=True),
+    Case("sphere-exp-complex", Sphere(retraction="exp"), 0, complex=True),
+    Case("stiefel-qr-complex", Stiefel(retraction="qr"), 1, complex=True),
+    Case("stiefel-polar-complex", Stiefel(retraction="polar"), 2, complex=True),
+    Case("stiefel-cayley-complex", Stiefel(retraction="cayley"), 1, complex=True),
+    Case("stiefel-cayley-2-complex", Stiefel(retraction="cayley", iterations=2), 1, exact=False, complex=True),
+    Case("stiefel-newton-complex", Stiefel(retraction="newton"), 2, complex=True),
+    Case("stiefel-newton-3-complex", Stiefel(retraction="newton", iterations=3), 1, exact=False, complex=True),
 ]
 CURVED = [case for case in CASES if case.id != "euclidean"]
 WITH_ORDER = [case for case in CURVED if case.order > 0]

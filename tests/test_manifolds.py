@@ -8,16 +8,17 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from manifold_opt.checks import check_gradient, check_retraction
+from manifold_opt.manifolds.linalg import real_dtype, real_product
 
 from .cases import CASES, EXACT, WITH_ORDER, Case, generator, seeds, shapes
 
 F64 = torch.float64
 
 
-def draw_point(case: Case, data: st.DataObject, dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Generator]:
+def draw_point(case: Case, data: st.DataObject) -> tuple[torch.Tensor, torch.Generator]:
     shape = data.draw(shapes(case.manifold), label="shape")
     gen = generator(data.draw(seeds, label="seed"))
-    return case.manifold.random_point(shape, generator=gen, dtype=dtype), gen
+    return case.manifold.random_point(shape, generator=gen, dtype=case.dtype()), gen
 
 
 def residual(case: Case, x: torch.Tensor) -> float:
@@ -28,7 +29,7 @@ def residual(case: Case, x: torch.Tensor) -> float:
 @given(data=st.data())
 def test_projection_lands_on_manifold_and_is_idempotent(case: Case, data: st.DataObject) -> None:
     shape = data.draw(shapes(case.manifold), label="shape")
-    raw = torch.randn(shape, generator=generator(data.draw(seeds)), dtype=F64)
+    raw = torch.randn(shape, generator=generator(data.draw(seeds)), dtype=case.dtype())
     x = case.manifold.project(raw)
     assert residual(case, x) < 1e-12
     torch.testing.assert_close(case.manifold.project(x), x, atol=1e-12, rtol=0)
@@ -47,7 +48,7 @@ def test_random_point_and_tangent_are_valid(case: Case, data: st.DataObject) -> 
 @given(data=st.data(), a=st.floats(-3, 3), b=st.floats(-3, 3))
 def test_tangent_projection_is_idempotent_and_linear(case: Case, data: st.DataObject, a: float, b: float) -> None:
     x, gen = draw_point(case, data)
-    g1, g2 = (torch.randn(x.shape, generator=gen, dtype=F64) for _ in range(2))
+    g1, g2 = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
     project = case.manifold.project_tangent
     torch.testing.assert_close(project(x, project(x, g1)), project(x, g1), atol=1e-12, rtol=0)
     torch.testing.assert_close(project(x, a * g1 + b * g2), a * project(x, g1) + b * project(x, g2), atol=1e-11, rtol=0)
@@ -92,10 +93,10 @@ def test_retraction_order_by_log_log_slope(case: Case, data: st.DataObject) -> N
 @given(data=st.data())
 def test_riemannian_gradient_matches_autograd(case: Case, data: st.DataObject) -> None:
     x, gen = draw_point(case, data)
-    a = torch.randn(x.shape, generator=gen, dtype=F64)
+    a = torch.randn(x.shape, generator=gen, dtype=x.dtype)
 
-    def f(y: torch.Tensor) -> torch.Tensor:
-        return (a * y).sum() + (y**3).sum() + (y.sum(-1) ** 2).sum()
+    def f(y: torch.Tensor) -> torch.Tensor:  # real-valued for complex points too
+        return real_product(a, y).sum() + real_product(y, y * y).sum() + real_product(y.sum(-1), y.sum(-1)).sum()
 
     check = check_gradient(case.manifold, f, x, generator=gen)
     assert check.identity_error < 1e-10
@@ -135,7 +136,7 @@ def test_batched_equals_per_item(case: Case, data: st.DataObject, t: float) -> N
     point_shape = data.draw(shapes(case.manifold, max_batch_dims=0), label="point shape")
     count = data.draw(st.integers(2, 4), label="count")
     gen = generator(data.draw(seeds))
-    x = case.manifold.random_point((count, *point_shape), generator=gen, dtype=F64)
+    x = case.manifold.random_point((count, *point_shape), generator=gen, dtype=case.dtype())
     u = case.manifold.random_tangent(x, generator=gen)
     v = case.manifold.random_tangent(x, generator=gen)
     batched = case.manifold.retract_transport(x, u, v, t)
@@ -152,6 +153,7 @@ def test_batched_equals_per_item(case: Case, data: st.DataObject, t: float) -> N
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtype_and_device_are_preserved(case: Case, dtype: torch.dtype) -> None:
+    dtype = case.dtype(dtype)
     shape = {0: (3,), 1: (2, 5), 2: (2, 5, 3)}[case.manifold.point_ndim]
     x = case.manifold.random_point(shape, generator=generator(0), dtype=dtype)
     u = case.manifold.random_tangent(x, generator=generator(1))
@@ -163,11 +165,11 @@ def test_dtype_and_device_are_preserved(case: Case, dtype: torch.dtype) -> None:
         case.manifold.retract(x, u, 0.1),
         case.manifold.transport(x, x, u),
         *case.manifold.retract_transport(x, u, u, 0.1),
-        case.manifold.inner(x, u, u),
-        case.manifold.distance_to_manifold(x),
     ]
     for out in outputs:
         assert out.dtype == dtype and out.device == x.device
+    for measure in (case.manifold.inner(x, u, u), case.manifold.distance_to_manifold(x)):  # real numbers
+        assert measure.dtype == real_dtype(dtype) and measure.device == x.device
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

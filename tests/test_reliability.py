@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from manifold_opt import PSISGD, ManifoldParameter, RiemannianAdam, RiemannianSGD, Sphere, Stiefel
+from manifold_opt import PSISGD, ConditionedSpectrum, ManifoldParameter, RiemannianAdam, RiemannianSGD, Sphere, Stiefel
 from manifold_opt.checks import manifold_residuals
 
 F64 = torch.float64
@@ -365,13 +365,16 @@ def test_plain_complex_parameters_follow_torch_optim(name: str, foreach) -> None
     torch.testing.assert_close(ours_param, torch_param, rtol=0, atol=0)
 
 
-def test_complex_parameters_on_a_native_manifold_are_a_clear_error() -> None:
+def test_complex_parameters_on_a_real_only_manifold_are_a_clear_error() -> None:
     param = nn.Parameter(torch.randn(4, 2, dtype=torch.complex64))
-    param.manifold = Stiefel()
+    param.manifold = ConditionedSpectrum(kappa=2.0)
     opt = RiemannianSGD([param], lr=0.1)
     param.grad = torch.ones_like(param)
-    with pytest.raises(TypeError, match=r"complex parameters on Stiefel.*plain .*or on a geoopt manifold"):
+    with pytest.raises(TypeError, match=r"complex parameters on ConditionedSpectrum.*plain .*on Stiefel or Sphere"):
         opt.step()
+    assert param.grad is not None and torch.equal(param.grad, torch.ones_like(param))
+    with pytest.raises(TypeError, match=r"holds real points only, got complex data of shape \(4, 2\)"):
+        ManifoldParameter(torch.randn(4, 2, dtype=torch.complex64), ConditionedSpectrum(kappa=2.0))
 
 
 @pytest.mark.parametrize("make", [RiemannianSGD, RiemannianAdam], ids=lambda c: c.__name__)

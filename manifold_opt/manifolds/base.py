@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .linalg import real_product
+
 # A step size: one number, or one per point (a tensor that broadcasts against the points,
 # e.g. ``(num_points, 1, 1)`` for matrices), as Adam's per-point step sizes are.
 StepSize = float | Tensor
@@ -206,6 +208,13 @@ class Manifold(ABC):
         """Vector transport of ``v`` from the tangent space at ``x`` to the one at ``y``."""
 
     @property
+    def supports_complex(self) -> bool:
+        """True when complex parameters may lie on this manifold (with the real inner product
+        :math:`\\operatorname{Re}\\sum \bar u_i v_i`); the optimizers and
+        :class:`~manifold_opt.ManifoldParameter` refuse complex data on the others."""
+        return False
+
+    @property
     def second_moment_layout(self) -> str:
         """Layout of Adam's second moment on this manifold: ``"scalar"`` (one number per
         point, :math:`\\langle r, r\rangle_x`; every native manifold) or ``"tangent"`` (one per
@@ -359,10 +368,11 @@ class Manifold(ABC):
 
 
 class EmbeddedManifold(Manifold):
-    """A Riemannian submanifold of Euclidean space with the induced (Euclidean) metric.
+    r"""A Riemannian submanifold of Euclidean space with the induced (Euclidean) metric.
 
     Defaults: Riemannian gradient = tangent projection, transport = tangent projection
-    at the new point, inner product = Frobenius inner product of each point.
+    at the new point, inner product = Frobenius inner product of each point (its real
+    part, :math:`\operatorname{Re}\operatorname{tr}(u^\mathsf{H} v)`, for complex points).
     """
 
     def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
@@ -381,7 +391,7 @@ class EmbeddedManifold(Manifold):
         return self.project_tangent(x, combine(v, a, g, b, out=out), out=out)
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return self._sum_point_dims(u * v)
+        return self._sum_point_dims(real_product(u, v))
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import Manifold, StepSize, Workspace, add_step
+from .linalg import real_product
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +61,11 @@ class Euclidean(Manifold):
         return v
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return u * v
+        return real_product(u, v)
+
+    @property
+    def supports_complex(self) -> bool:
+        return True
 
     @property
     def transport_is_projection(self) -> bool:

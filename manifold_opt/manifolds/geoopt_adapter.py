@@ -57,6 +57,10 @@ class GeooptManifold(Manifold):
     manifold: Any = None
 
     @property
+    def supports_complex(self) -> bool:  # geoopt's complex manifolds step through their own methods
+        return True
+
+    @property
     def point_ndim(self) -> int:
         return int(self.manifold.ndim)
 
@@ -105,8 +109,9 @@ class GeooptManifold(Manifold):
         return "scalar" if own is geoopt.manifolds.base.Manifold.component_inner else "tangent"
 
     def second_moment_increment(self, x: Tensor, r: Tensor) -> Tensor:
-        if self.second_moment_layout == "scalar":
-            return self.inner(x, r, r)
+        if self.second_moment_layout == "scalar":  # real: the optimizers keep it in a real dtype
+            inner = self.inner(x, r, r)
+            return inner.real if inner.is_complex() else inner
         return self.manifold.component_inner(x, r)
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:

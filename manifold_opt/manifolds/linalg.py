@@ -1,7 +1,9 @@
 """Batched linear-algebra helpers shared by the manifolds and the layers.
 
 Every function broadcasts over leading dimensions: a matrix argument has shape
-``(..., n, p)``.
+``(..., n, p)``. Real and complex matrices alike: transposes in products are conjugate
+transposes (``.mH``, the plain transpose on real tensors, at no cost), so "symmetric"
+reads "Hermitian" and "orthonormal" reads "unitary" for complex input.
 """
 
 from __future__ import annotations
@@ -11,15 +13,30 @@ import math
 import torch
 from torch import Tensor
 
+_REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a complex one (a real dtype is its own). ``torch.dtype.to_real`` does
+    the same but torch.compile cannot trace it."""
+    return _REAL_DTYPES.get(dtype, dtype)
+
 
 def sym(a: Tensor) -> Tensor:
-    r"""Symmetric part :math:`(A + A^\top)/2` of a batch of square matrices."""
-    return 0.5 * (a + a.mT)
+    r"""Symmetric (Hermitian) part :math:`(A + A^\mathsf{H})/2` of a batch of square matrices."""
+    return 0.5 * (a + a.mH)
 
 
 def skew(a: Tensor) -> Tensor:
-    r"""Skew-symmetric part :math:`(A - A^\top)/2` of a batch of square matrices."""
-    return 0.5 * (a - a.mT)
+    r"""Skew-symmetric (skew-Hermitian) part :math:`(A - A^\mathsf{H})/2` of a batch of square matrices."""
+    return 0.5 * (a - a.mH)
+
+
+def real_product(u: Tensor, v: Tensor) -> Tensor:
+    r"""The entries of the real inner product :math:`\langle u, v\rangle = \operatorname{Re}\sum
+    \bar u_i v_i` before summing: ``u * v`` for real tensors (the same operation), ``Re(conj(u) v)``
+    for complex ones."""
+    return (u.conj() * v).real if u.is_complex() else u * v
 
 
 def identity_like(a: Tensor) -> Tensor:
@@ -28,16 +45,21 @@ def identity_like(a: Tensor) -> Tensor:
 
 
 def qr_positive(a: Tensor) -> Tensor:
-    r"""The orthonormal factor ``Q`` of ``A = QR`` with :math:`\operatorname{diag}(R) > 0`.
+    r"""The orthonormal factor ``Q`` of ``A = QR`` with :math:`\operatorname{diag}(R) > 0`
+    (real and positive for complex ``A``).
 
-    The sign fix makes the factorization unique (a zero diagonal entry counts as
+    The sign (phase) fix makes the factorization unique (a zero diagonal entry counts as
     positive), so ``Q`` is a smooth function of a full-rank ``A``.
 
     Shapes: ``a (..., n, p)`` with ``n >= p`` -> ``(..., n, p)``.
     """
     q, r = torch.linalg.qr(a)
-    negative = torch.diagonal(r, dim1=-2, dim2=-1).unsqueeze(-2) < 0
-    return torch.where(negative, -q, q)
+    diagonal = torch.diagonal(r, dim1=-2, dim2=-1).unsqueeze(-2)
+    if a.is_complex():  # Q diag(phase(r_ii)): R's diagonal becomes real and positive
+        magnitude = diagonal.abs()
+        phase = torch.where(magnitude > 0, diagonal / torch.where(magnitude > 0, magnitude, 1.0), 1.0)
+        return q * phase
+    return torch.where(diagonal < 0, -q, q)
 
 
 def polar_svd(a: Tensor) -> Tensor:
@@ -62,7 +84,7 @@ def polar_eigh(a: Tensor) -> Tensor:
 
     Shapes: ``a (..., n, p)`` with ``n >= p`` -> ``(..., n, p)``.
     """
-    return polar_from_gram(a, a.mT @ a)
+    return polar_from_gram(a, a.mH @ a)
 
 
 def polar_from_gram(w: Tensor, gram: Tensor) -> Tensor:
@@ -79,7 +101,7 @@ def polar_from_gram(w: Tensor, gram: Tensor) -> Tensor:
     eigenvalues, vectors = torch.linalg.eigh(torch.where(finite, gram, identity_like(gram)))
     inv_sqrt = eigenvalues.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
     poison = torch.where(finite, 1.0, torch.nan).to(gram.dtype)
-    return w @ (((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mT) * poison)
+    return w @ (((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mH) * poison)
 
 
 def newton_schulz(y: Tensor, iterations: int) -> Tensor:
@@ -109,7 +131,7 @@ def newton_schulz(y: Tensor, iterations: int) -> Tensor:
     """
     wide = y.shape[-2] < y.shape[-1]
     for _ in range(iterations):
-        cubic = (y @ y.mT) @ y if wide else y @ (y.mT @ y)
+        cubic = (y @ y.mH) @ y if wide else y @ (y.mH @ y)
         y = 1.5 * y - 0.5 * cubic
     return y
 

@@ -9,14 +9,16 @@ import torch
 from torch import Tensor
 
 from .base import EmbeddedManifold, StepSize, Workspace, add_step, numel
-from .linalg import unit_and_norm
+from .linalg import real_product, unit_and_norm
 
 SPHERE_RETRACTIONS = ("projection", "exp")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Sphere(EmbeddedManifold):
-    r"""The unit sphere :math:`S^{d-1} = \{x \in \mathbb{R}^d : \|x\| = 1\}`.
+    r"""The unit sphere :math:`S^{d-1} = \{x \in \mathbb{R}^d : \|x\| = 1\}` (of
+    :math:`\mathbb{C}^d` for complex parameters, with the real inner product
+    :math:`\langle u, v\rangle = \operatorname{Re}\,u^\mathsf{H} v`).
 
     A parameter is one point (``batch_dims=0``: the whole tensor has unit Frobenius
     norm) or a batch of points (``batch_dims=1`` on an ``(out, ...)`` weight: each output
@@ -54,6 +56,10 @@ class Sphere(EmbeddedManifold):
     def point_ndim(self) -> int:
         return 1
 
+    @property
+    def supports_complex(self) -> bool:
+        return True
+
     def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         dim = numel(self._point_dims(shape, 0))
         if dim < 2:
@@ -69,7 +75,7 @@ class Sphere(EmbeddedManifold):
         return unit_and_norm(x)[0]
 
     def project_tangent(self, x: Tensor, u: Tensor, *, out: Tensor | None = None) -> Tensor:
-        return torch.addcmul(u, x, (x * u).sum(-1, keepdim=True), value=-1, out=out)
+        return torch.addcmul(u, x, real_product(x, u).sum(-1, keepdim=True), value=-1, out=out)
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         if self.retraction == "exp":
@@ -82,4 +88,4 @@ class Sphere(EmbeddedManifold):
         return self.project(x * torch.cos(norm_u) + direction * torch.sin(norm_u))
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:
-        return ((x * x).sum(-1) - 1).abs()
+        return (real_product(x, x).sum(-1) - 1).abs()

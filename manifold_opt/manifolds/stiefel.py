@@ -21,6 +21,7 @@ from .linalg import (
     polar_from_gram,
     polar_svd,
     qr_positive,
+    real_dtype,
     sym,
 )
 
@@ -46,6 +47,12 @@ class Stiefel(EmbeddedManifold):
     orthonormal as a whole, not per ``kh x kw`` slice; ``batch_dims=1`` on a
     ``(groups, n, p)`` tensor makes each slice its own point. The metric is the
     Euclidean one, :math:`\langle u, v\rangle = \operatorname{tr}(u^\top v)`.
+
+    Complex parameters are matrices with orthonormal columns in :math:`\mathbb{C}^n`,
+    :math:`X^\mathsf{H} X = I` (unitary when square), with the real metric
+    :math:`\operatorname{Re}\operatorname{tr}(u^\mathsf{H} v)`: every formula below holds with
+    :math:`^\top` read as :math:`^\mathsf{H}` (``"qr"`` takes the ``R`` with a real positive
+    diagonal), and per-point numbers (Adam's second moment) stay real.
 
     .. math::
         P_X(g) = g - X\,\mathrm{sym}(X^\top g), \qquad
@@ -120,6 +127,10 @@ class Stiefel(EmbeddedManifold):
     def point_ndim(self) -> int:
         return 2
 
+    @property
+    def supports_complex(self) -> bool:
+        return True
+
     def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return self._matrix_point_shape(shape)
 
@@ -132,7 +143,7 @@ class Stiefel(EmbeddedManifold):
             if out is None or torch.compiler.is_compiling():  # dynamo refuses a transposed out=
                 return into(out, self.project_tangent(x.mT, u.mT).mT)
             return self.project_tangent(x.mT, u.mT, out=out.mT).mT
-        return subtract_product(u, x, sym(x.mT @ u), out=out)
+        return subtract_product(u, x, sym(x.mH @ u), out=out)
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         if _is_wide(x):
@@ -141,7 +152,7 @@ class Stiefel(EmbeddedManifold):
             return _cayley(x, u if _is_one(t) else u * t, self.iterations)
         work = workspace if workspace is not None else Workspace()
         w = add_step(x, u, t, out=work.like("stiefel_step", x))
-        w, gram = limit_step(x, w, w.mT @ w)
+        w, gram = limit_step(x, w, w.mH @ w)
         if self.retraction == "qr":
             return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x))
         if self.retraction == "polar":
@@ -234,8 +245,8 @@ class Stiefel(EmbeddedManifold):
         if _is_wide(x):
             return self.exp(x.mT, u.mT).mT
         p = x.shape[-1]
-        a = x.mT @ u
-        s = u.mT @ u
+        a = x.mH @ u
+        s = u.mH @ u
         eye = identity_like(a).expand_as(a)
         block = torch.cat([torch.cat([a, -s], dim=-1), torch.cat([eye, a], dim=-1)], dim=-2)
         e = torch.linalg.matrix_exp(block)[..., :, :p]
@@ -244,7 +255,7 @@ class Stiefel(EmbeddedManifold):
     def distance_to_manifold(self, x: Tensor) -> Tensor:
         """Largest entry of :math:`|X^\\top X - I|` (:math:`|XX^\\top - I|` for wide ``X``)."""
         tall = x.mT if _is_wide(x) else x
-        gram = tall.mT @ tall
+        gram = tall.mH @ tall
         return (gram - identity_like(gram)).abs().amax(dim=(-2, -1))
 
     def random_point(
@@ -305,38 +316,38 @@ def _fused_momentum_step(
     work: Workspace,
 ) -> MomentumStep:
     """:meth:`Stiefel.momentum_step` for tall ``x`` (see there)."""
-    a_g = x.mT @ g
+    a_g = x.mH @ g
     if m is None:
         e, a = None, 0.0
     else:
-        e = tracking if tracking is not None else x.mT @ m
+        e = tracking if tracking is not None else x.mH @ m
     ratio = a / b
     # H = X^T (a m + b g) / b: sym(H) projects, F = X^T m' = b skew(H) (A and E enter together)
     h = a_g if e is None else torch.add(a_g, e, alpha=ratio)
-    h2 = h + h.mT  # 2 sym(H), the one transposed pass
+    h2 = h + h.mH  # 2 sym(H), the one transposed pass
     # b Delta~ = b g - (b/2) X (2 sym H), one BLAS call
     m_new = subtract_product(g, x, h2, alpha=0.5 * b, beta=b, out=work.like("direction", x))
     norm_sq = None
     if needs_grad_norm:
         norm_sq = _squared_norms(m_new) / (b * b)
         if e is not None:  # minus the normal part ratio * X sym(E), orthogonal to r
-            norm_sq = (norm_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
+            norm_sq = (norm_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mH)).clamp_min(0)
     if m is not None:
         m_new.add_(m, alpha=a)
     t = step_size(norm_sq)
-    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=x.dtype, device=x.device)
+    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=real_dtype(x.dtype), device=x.device)
     t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
     w = work.like("stiefel_step", x)
     used = torch.zeros_like(a_g) if e is None else e
     if refresh:
         w = torch.addcmul(x, m_new, t_points, out=w)
-        w, gram = limit_step(x, w, w.mT @ w)
+        w, gram = limit_step(x, w, w.mH @ w)
         upper = cholesky_upper(gram)
         y = divide_upper(upper, w, out=work.like("stiefel_point", x))
         # finite |r|^2 (from |Delta~|^2): finite Delta~, hence m'; finite factor: finite Y
         finite = torch.isfinite(norm_sq).all() & torch.isfinite(upper).all()
         return MomentumStep(y, m_new, norm_sq, None, used, finite)
-    moment = m_new.mT @ m_new  # B
+    moment = m_new.mH @ m_new  # B
     t2 = t_points * t_points
     t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
     t_points = t2.sqrt().copysign(t_points)
@@ -347,12 +358,12 @@ def _fused_momentum_step(
     n, p = x.shape[-2:]
     if n < 2 * p:  # near-square: LAPACK's solve, and Y^T m' from the data (p x p products cost n x p ones here)
         y = torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=work.like("stiefel_point", x))
-        next_tracking = y.mT @ m_new
+        next_tracking = y.mH @ m_new
     else:  # one inverse serves both: Y = W R^-1 and Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H)
         inverse = invert_upper(upper)
         y = torch.matmul(w, inverse, out=work.like("stiefel_point", x))
         rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-        next_tracking = inverse.mT @ rhs
+        next_tracking = inverse.mH @ rhs
     # B = m'^T m' finite: finite m'; finite factor (NaN when Cholesky fails) and limited step: finite Y
     finite = torch.isfinite(moment).all() & torch.isfinite(upper).all() & torch.isfinite(next_tracking).all()
     return MomentumStep(y, m_new, norm_sq, next_tracking, used, finite)
@@ -383,34 +394,36 @@ def _fused_momentum_step_in_place(
     :math:`\tilde\Delta` is cleaned of NaN/Inf first (one pass), which replaces the selection
     passes over ``x`` and ``m`` that writing from scratch buffers needs.
     """
-    a_g = x.mT @ g
-    e = tracking if tracking is not None else x.mT @ m
+    a_g = x.mH @ g
+    e = tracking if tracking is not None else x.mH @ m
     ratio = a / b
     h = torch.add(a_g, e, alpha=ratio)
-    h2 = h + h.mT
+    h2 = h + h.mH
     delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))
     delta_sq = _squared_norms(delta)
     norm_sq = None
     if needs_grad_norm:
-        norm_sq = (delta_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mT)).clamp_min(0)
+        norm_sq = (delta_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mH)).clamp_min(0)
     bound = ((1 - a) / b) ** 2 * torch.finfo(delta.dtype).max / 4
     ok = (delta_sq < bound).all()  # False for NaN and Inf too
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
     if abs(a + b - 1) < 1e-12:
         m.lerp_(delta, ok.to(m.dtype) * b)  # m' = a m + b Delta~, or m
     else:
-        m.mul_(torch.where(ok, a, 1.0).to(m.dtype)).addcmul_(delta, ok.to(m.dtype) * b)
+        # the coefficient in m's own precision (torch.where of two Python numbers gives float32)
+        keep = torch.full((), a, dtype=real_dtype(m.dtype), device=m.device).where(ok, 1.0)
+        m.mul_(keep).addcmul_(delta, ok.to(m.dtype) * b)
     t = step_size(norm_sq)
-    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=x.dtype, device=x.device)
+    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=real_dtype(x.dtype), device=x.device)
     t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
     if refresh:  # the Gram matrix of W itself (re-orthonormalizes), the next tracking state from the data
         ok = ok & torch.isfinite(t_points).all()
         w = torch.addcmul(x, m, torch.where(ok, t_points, 0.0), out=work.like("stiefel_step", x))
-        w, gram = limit_step(x, w, w.mT @ w)
+        w, gram = limit_step(x, w, w.mH @ w)
         upper = torch.where(ok, cholesky_upper(gram), identity_like(gram))  # factor I: Y = X exactly
         divide_upper(upper, w, out=x)
-        return MomentumStep(x, m, norm_sq, x.mT @ m, e, ok)
-    moment = m.mT @ m  # B, finite
+        return MomentumStep(x, m, norm_sq, x.mH @ m, e, ok)
+    moment = m.mH @ m  # B, finite
     t2 = t_points * t_points
     t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
     ok = ok & torch.isfinite(t2).all()
@@ -424,12 +437,12 @@ def _fused_momentum_step_in_place(
     n, p = x.shape[-2:]
     if n < 2 * p:
         torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=x)
-        next_tracking = x.mT @ m  # from the data: right whether or not the step was taken
+        next_tracking = x.mH @ m  # from the data: right whether or not the step was taken
     else:
         inverse = invert_upper(upper)
         torch.matmul(w, inverse, out=x)
         rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-        next_tracking = torch.where(ok, inverse.mT @ rhs, e)
+        next_tracking = torch.where(ok, inverse.mH @ rhs, e)
     return MomentumStep(x, m, norm_sq, next_tracking, e, ok)
 
 
@@ -452,12 +465,12 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
     # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + p without forming gram - I: its rounding
     # error (about p eps) only matters far below the limit (81)
     diagonal = gram.diagonal(dim1=-2, dim2=-1)
-    size2 = torch.linalg.matrix_norm(gram).square() - 2 * diagonal.sum(-1) + gram.shape[-1]
+    size2 = torch.linalg.matrix_norm(gram).square() - 2 * diagonal.real.sum(-1) + gram.shape[-1]
     shrink2 = (MAX_STEP**2 / size2.clamp_min(0).sqrt()).clamp(max=1.0)  # NaN stays NaN
     s2 = shrink2[..., None, None]
     gram = gram * s2  # (1 - s^2) I + s^2 gram, exactly gram when s = 1
     gram.diagonal(dim1=-2, dim2=-1).add_(1 - shrink2[..., None])
-    weight = shrink2.sqrt()[..., None, None]
+    weight = shrink2.sqrt()[..., None, None].to(x.dtype)  # lerp wants the weight in the points dtype
     return (torch.lerp(x, w, weight) if torch.compiler.is_compiling() else torch.lerp(x, w, weight, out=w)), gram
 
 
@@ -508,13 +521,13 @@ def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
     which contracts by ``q = ||u_bar||_F``; points with ``q >= 1``, where it would diverge,
     take the exact solve (one host read decides whether any does).
     """
-    u_bar = u - 0.5 * x @ (x.mT @ u)
+    u_bar = u - 0.5 * x @ (x.mH @ u)
     if iterations is None:
         shrink = (MAX_STEP / torch.linalg.matrix_norm(u_bar)).clamp(max=1.0)  # NaN stays NaN
         return _cayley_exact(x, u_bar * shrink[..., None, None])
 
     def apply_a(z: Tensor) -> Tensor:  # A z with A = u_bar x^T - x u_bar^T, never formed
-        return u_bar @ (x.mT @ z) - x @ (u_bar.mT @ z)
+        return u_bar @ (x.mH @ z) - x @ (u_bar.mH @ z)
 
     diverges = ~(torch.linalg.matrix_norm(u_bar) < 1.0)  # also catches NaN
     y = x + apply_a(x)
@@ -534,15 +547,15 @@ def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:
     otherwise by the ``n x n`` system itself, which is then the smaller one."""
     n, p = x.shape[-2:]
     if 2 * p >= n:
-        a = u_bar @ x.mT - x @ u_bar.mT
+        a = u_bar @ x.mH - x @ u_bar.mH
         eye = identity_like(a)
         return _solve_or_nan(eye - 0.5 * a, x + 0.5 * a @ x)
     left = torch.cat([u_bar, x], dim=-1)
     right = torch.cat([x, -u_bar], dim=-1)
-    z = x + 0.5 * left @ (right.mT @ x)
-    small = right.mT @ left
+    z = x + 0.5 * left @ (right.mH @ x)
+    small = right.mH @ left
     system = identity_like(small) - 0.5 * small
-    return z + 0.5 * left @ _solve_or_nan(system, right.mT @ z)
+    return z + 0.5 * left @ _solve_or_nan(system, right.mH @ z)
 
 
 def _solve_or_nan(a: Tensor, b: Tensor) -> Tensor:

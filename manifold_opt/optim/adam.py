@@ -22,6 +22,7 @@ from .base import (
     check_stabilize,
     flat_base,
     mark_flat,
+    state_dtype,
     tracking_inputs,
     tracking_key,
     tracking_outputs,
@@ -135,7 +136,8 @@ class RiemannianAdam(BucketedOptimizer):
             if plain or manifold.second_moment_layout == "tangent":
                 state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
             else:  # one number per point, replicated on every rank of a sharded parameter
-                state[name] = torch.zeros(manifold.batch_shape(param.shape), dtype=dtype, device=param.device)
+                shape, real = manifold.batch_shape(param.shape), state_dtype(dtype, "scalar")
+                state[name] = torch.zeros(shape, dtype=real, device=param.device)
 
     def _bucket_key(self, state: dict[str, Any]) -> Hashable:
         return tracking_key(state, "exp_avg")
@@ -246,9 +248,9 @@ def _points_steps(bucket: Bucket, steps: list[Tensor]) -> Tensor:
     """The step count of every point of a bucket, ``(num_points, 1, ..., 1)``."""
     trailing = (1,) * bucket.manifold.point_ndim
     if len(steps) == 1:
-        return steps[0].to(bucket.dtype).reshape(1, *trailing)
+        return steps[0].to(state_dtype(bucket.dtype, "scalar")).reshape(1, *trailing)
     base = None if torch.compiler.is_compiling() else flat_base(steps)
-    per_param = (torch.stack(steps) if base is None else base).to(bucket.dtype)
+    per_param = (torch.stack(steps) if base is None else base).to(state_dtype(bucket.dtype, "scalar"))
     if bucket.same_shapes and per_param.numel() == bucket.x.shape[0]:  # one point per parameter
         return per_param.reshape(-1, *trailing)
     counts = [math.prod(bucket.manifold.batch_shape(p.shape)) for p in bucket.params]

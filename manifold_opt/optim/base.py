@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from ..manifolds import Euclidean, GeooptManifold, Manifold, from_geoopt, is_geoopt_manifold
+from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
 from ..manifolds.base import Workspace, manifold_from_spec, manifold_spec
+from ..manifolds.linalg import real_dtype
 from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
 from .functional import keep_on_manifold
 from .sharded import (
@@ -89,16 +90,26 @@ class _StaticKey:
 
 
 def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
-    """Half-precision points are stepped in float32 (QR, SVD and eigh have no half kernels);
-    elementwise (Euclidean) parameters keep their dtype, as in ``torch.optim``."""
+    """Half-precision points are stepped in float32 (complex32 in complex64: QR, SVD and eigh
+    have no half kernels); elementwise (Euclidean) parameters keep their dtype, as in
+    ``torch.optim``."""
     if manifold.point_ndim > 0 and dtype in (torch.float16, torch.bfloat16):
         return torch.float32
+    if manifold.point_ndim > 0 and dtype == torch.complex32:
+        return torch.complex64
     return dtype
 
 
 # The layout of a state in a bucket: "tangent" (like the points), "scalar" (one number per
 # point) or a tuple (the trailing shape of one point's entry, e.g. (p, p)).
 Layout = str | tuple[int, ...]
+
+
+def state_dtype(dtype: torch.dtype, layout: Layout) -> torch.dtype:
+    """The dtype of a state of this layout for points of geometry dtype ``dtype``: per-point
+    numbers (``"scalar"``, e.g. Adam's second moment, an inner product) are real, also for
+    complex points."""
+    return real_dtype(dtype) if layout == "scalar" else dtype
 
 
 @dataclass
@@ -135,17 +146,18 @@ class Bucket:
 
     def _points(self, tensors: list[Tensor], layout: Layout) -> tuple[Tensor, bool]:
         shape = self._trailing(layout)
+        dtype = state_dtype(self.dtype, layout)
         if len(tensors) == 1:
             tensor = tensors[0]
-            if tensor.dtype == self.dtype and tensor.is_contiguous():
+            if tensor.dtype == dtype and tensor.is_contiguous():
                 return tensor.view(-1, *shape), True
-            return tensor.to(self.dtype).reshape(-1, *shape), False
+            return tensor.to(dtype).reshape(-1, *shape), False
         base = flat_base(tensors)
-        if base is not None and base.dtype == self.dtype:  # states stored as pieces of one buffer
+        if base is not None and base.dtype == dtype:  # states stored as pieces of one buffer
             return base.view(-1, *shape), True
         if self.same_shapes:  # one stack, no per-tensor reshape
-            return torch.stack(tensors).to(self.dtype).view(-1, *shape), False
-        return torch.cat([t.reshape(-1) for t in tensors]).to(self.dtype).view(-1, *shape), False
+            return torch.stack(tensors).to(dtype).view(-1, *shape), False
+        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).view(-1, *shape), False
 
     def state(self, name: str, layout: Layout = "tangent") -> Tensor | None:
         """A state of every parameter in the points layout (``(num_points, *trailing)``), or
@@ -555,11 +567,12 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def _static_key(self, param: Tensor, manifold: Manifold) -> _StaticKey:
         """What a parameter's bucket depends on besides its state, computed once per parameter
         and reused while its manifold object, shape, dtype and device stay the same."""
-        if param.is_complex() and not isinstance(manifold, (Euclidean, GeooptManifold)):
+        if param.is_complex() and not manifold.supports_complex:
             raise TypeError(
                 f"{type(self).__name__} does not support complex parameters on {manifold!r} (got one of shape "
                 f"{tuple(param.shape)}, {param.dtype}): complex parameters are stepped when plain (as torch.optim "
-                "steps them) or on a geoopt manifold; optimize torch.view_as_real(...) of it instead"
+                "steps them), on Stiefel or Sphere, or on a geoopt manifold; optimize torch.view_as_real(...) of it "
+                "instead"
             )
         dtype = geometry_dtype(manifold, param.dtype)
         value = (manifold, manifold.point_shape(param.shape), dtype, param.device)
@@ -847,7 +860,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         for key, value in saved.items():
             if not isinstance(value, Tensor):
                 continue
-            if key != "step" and value.is_floating_point():
+            if key != "step" and value.is_floating_point():  # real state of a complex point stays real
+                state[key] = value.to(device=param.device, dtype=real_dtype(dtype), copy=True)
+            elif key != "step" and value.is_complex() and not isinstance(manifold, Euclidean):
                 state[key] = value.to(device=param.device, dtype=dtype, copy=True)
             elif state.get(key) is value:  # a loaded state_dict is never written by later steps
                 state[key] = value.clone()

@@ -52,33 +52,35 @@ class MomentumStep:
 class Workspace:
     """Scratch tensors reused from one step to the next (the optimizers keep one per bucket).
 
-    ``like(name, tensor)`` returns a contiguous buffer with the shape, dtype and device of
-    ``tensor``, allocated on first use. Reusing buffers avoids allocating full-size
-    temporaries at every step, which on CPUs also costs page faults. A buffer belongs to
-    its caller until the same name is asked for again; geometry methods take an optional
-    workspace and allocate when given none. Under ``torch.compile`` the optimizers pass a
-    disabled one (``enabled=False``): inductor plans memory itself, and ``out=`` arguments
-    into reused buffers only get in its way.
+    ``like(name, tensor)`` (or ``empty(name, shape, dtype, device)``) returns a contiguous
+    buffer of that shape, dtype and device. One flat buffer is kept per name, dtype and
+    device, as large as the largest request so far, and every request is a view of its
+    start: buckets of different shapes share it without reallocating, so after the first
+    step nothing is allocated (on CPUs a fresh large tensor also costs page faults). A
+    buffer belongs to its caller until the same name is asked for again; geometry methods
+    take an optional workspace and allocate when given none. Under ``torch.compile`` the
+    optimizers pass a disabled one (``enabled=False``): inductor plans memory itself, and
+    ``out=`` arguments into reused buffers only get in its way.
     """
 
     def __init__(self, enabled: bool = True) -> None:
-        self._buffers: dict[str, Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self.enabled = enabled
 
     def like(self, name: str, tensor: Tensor) -> Tensor | None:
         """A buffer like ``tensor`` (None for a disabled workspace: the caller allocates)."""
+        return self.empty(name, tensor.shape, tensor.dtype, tensor.device)
+
+    def empty(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """A buffer of this shape, dtype and device (None for a disabled workspace)."""
         if not self.enabled:
             return None
-        buffer = self._buffers.get(name)
-        if (
-            buffer is None
-            or buffer.shape != tensor.shape
-            or buffer.dtype != tensor.dtype
-            or buffer.device != tensor.device
-        ):
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-            self._buffers[name] = buffer
-        return buffer
+        size = math.prod(shape)
+        key = (name, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:size].view(shape)
 
     def clear(self) -> None:
         """Drop every buffer (memory is returned; the next step allocates again)."""

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, add_step, check_iterations, into
 from .linalg import (
+    add_adjoint,
     cholesky_orthonormalize,
     cholesky_upper,
     divide_upper,
@@ -394,16 +395,21 @@ def _fused_momentum_step_in_place(
     :math:`\tilde\Delta` is cleaned of NaN/Inf first (one pass), which replaces the selection
     passes over ``x`` and ``m`` that writing from scratch buffers needs.
     """
-    a_g = x.mH @ g
+    n, p = x.shape[-2:]
+
+    def small(name: str) -> Tensor | None:  # a p x p scratch buffer per point
+        return work.empty(name, (*x.shape[:-2], p, p), x.dtype, x.device)
+
     e = tracking if tracking is not None else x.mH @ m
     ratio = a / b
-    h = torch.add(a_g, e, alpha=ratio)
-    h2 = h + h.mH
+    h = torch.matmul(x.mH, g, out=small("stiefel_h")).add_(e, alpha=ratio)  # H = X^T g + (a/b) E
+    h2 = add_adjoint(h, out=small("stiefel_h2"))
     delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))
     delta_sq = _squared_norms(delta)
     norm_sq = None
     if needs_grad_norm:
-        norm_sq = (delta_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mH)).clamp_min(0)
+        sym_e_sq = _squared_norms(add_adjoint(e, out=small("stiefel_pp")))
+        norm_sq = (delta_sq - (0.5 * ratio) ** 2 * sym_e_sq).clamp_min(0)
     bound = ((1 - a) / b) ** 2 * torch.finfo(delta.dtype).max / 4
     ok = (delta_sq < bound).all()  # False for NaN and Inf too
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
@@ -423,26 +429,29 @@ def _fused_momentum_step_in_place(
         upper = torch.where(ok, cholesky_upper(gram), identity_like(gram))  # factor I: Y = X exactly
         divide_upper(upper, w, out=x)
         return MomentumStep(x, m, norm_sq, x.mH @ m, e, ok)
-    moment = m.mH @ m  # B, finite
+    moment = torch.matmul(m.mH, m, out=small("stiefel_moment"))  # B, finite
     t2 = t_points * t_points
-    t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
+    # ||t^2 B|| from t^2 B itself (B may overflow where t^2 B does not), in the Gram buffer
+    scaled = torch.mul(moment, t2, out=small("stiefel_gram"))
+    t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(scaled)).clamp(max=1.0)[..., None, None]
     ok = ok & torch.isfinite(t2).all()
     # a step not taken: t = 0, so the Gram matrix is I exactly, its factor I, and Y = X
     t2 = torch.where(ok, t2, 0.0)
     t_points = t2.sqrt().copysign(t_points)
-    gram = moment * t2
+    gram = torch.mul(moment, t2, out=small("stiefel_gram"))
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B: positive definite, B being finite
     upper = cholesky_upper(gram)
     w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))  # exactly x where t = 0
-    n, p = x.shape[-2:]
+    # the next tracking state is a scratch buffer: where the step is not ok the caller keeps
+    # the old one (tracking_used)
     if n < 2 * p:
         torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=x)
-        next_tracking = x.mH @ m  # from the data: right whether or not the step was taken
+        next_tracking = torch.matmul(x.mH, m, out=small("stiefel_tracking"))  # from the data
     else:
-        inverse = invert_upper(upper)
+        inverse = invert_upper(upper, out=small("stiefel_inverse"))
         torch.matmul(w, inverse, out=x)
-        rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-        next_tracking = torch.where(ok, inverse.mH @ rhs, e)
+        rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)  # b skew(H) + t B, into H
+        next_tracking = torch.matmul(inverse.mH, rhs, out=small("stiefel_tracking"))
     return MomentumStep(x, m, norm_sq, next_tracking, e, ok)
 
 

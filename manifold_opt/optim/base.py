@@ -126,6 +126,9 @@ class Bucket:
     dtype: torch.dtype
     params: list[Tensor]
     states: list[dict[str, Any]]
+    # lends the buffers that stacked points and gradients are copied into (never states,
+    # which become pieces of their stacked copy)
+    workspace: Workspace | None = None
     x: Tensor = field(init=False)
     grad: Tensor = field(init=False)
     _x_is_view: bool = field(init=False)
@@ -134,8 +137,8 @@ class Bucket:
     def __post_init__(self) -> None:
         first = self.params[0].shape
         self.same_shapes = all(p.shape == first for p in self.params)
-        self.x, self._x_is_view = self._points(self.params, "tangent")  # steps run under no_grad
-        self.grad, _ = self._points([p.grad for p in self.params], "tangent")
+        self.x, self._x_is_view = self._points(self.params, "tangent", "bucket_x")  # steps run under no_grad
+        self.grad, _ = self._points([p.grad for p in self.params], "tangent", "bucket_grad")
 
     def _trailing(self, layout: Layout) -> tuple[int, ...]:
         if layout == "tangent":
@@ -144,7 +147,9 @@ class Bucket:
             return (1,) * self.manifold.point_ndim
         return tuple(layout)
 
-    def _points(self, tensors: list[Tensor], layout: Layout) -> tuple[Tensor, bool]:
+    def _points(self, tensors: list[Tensor], layout: Layout, scratch: str | None = None) -> tuple[Tensor, bool]:
+        """The tensors in the points layout: a view when they are one tensor or the pieces of
+        one buffer, else a stacked copy (into the workspace's buffer ``scratch`` if named)."""
         shape = self._trailing(layout)
         dtype = state_dtype(self.dtype, layout)
         if len(tensors) == 1:
@@ -155,8 +160,16 @@ class Bucket:
         base = flat_base(tensors)
         if base is not None and base.dtype == dtype:  # states stored as pieces of one buffer
             return base.view(-1, *shape), True
+        out = None
+        if scratch is not None and self.workspace is not None and all(t.dtype == dtype for t in tensors):
+            size = sum(t.numel() for t in tensors)
+            out = self.workspace.empty(scratch, (size,), dtype, tensors[0].device)
         if self.same_shapes:  # one stack, no per-tensor reshape
+            if out is not None:
+                return torch.stack(tensors, out=out.view(len(tensors), *tensors[0].shape)).view(-1, *shape), False
             return torch.stack(tensors).to(dtype).view(-1, *shape), False
+        if out is not None:
+            return torch.cat([t.reshape(-1) for t in tensors], out=out).view(-1, *shape), False
         return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).view(-1, *shape), False
 
     def state(self, name: str, layout: Layout = "tangent") -> Tensor | None:
@@ -593,12 +606,12 @@ class BucketedOptimizer(torch.optim.Optimizer):
         states: list[dict[str, Any]] | None = None,
     ) -> _Pending:
         states = [self.state[p] for p in params] if states is None else states
-        bucket = Bucket(manifold, point_shape, dtype, params, states)
         # one shared workspace when each bucket is written before the next is computed
         if torch.compiler.is_compiling():
             workspace = Workspace(enabled=False)
         else:
             workspace = self._workspace if self.nonfinite == "skip" else Workspace()
+        bucket = Bucket(manifold, point_shape, dtype, params, states, workspace)
         update = self._step_bucket(group, bucket, workspace)
 
         def commit() -> None:

@@ -65,6 +65,7 @@ class Workspace:
 
     def __init__(self, enabled: bool = True) -> None:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        self._views: dict[tuple[Any, ...], Tensor] = {}  # the last views handed out, per shape
         self.enabled = enabled
 
     def like(self, name: str, tensor: Tensor) -> Tensor | None:
@@ -75,16 +76,23 @@ class Workspace:
         """A buffer of this shape, dtype and device (None for a disabled workspace)."""
         if not self.enabled:
             return None
+        view_key = (name, dtype, device, *shape)
+        view = self._views.get(view_key)
+        if view is not None:
+            return view
         size = math.prod(shape)
         key = (name, dtype, device)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < size:
             buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
-        return buffer[:size].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[:3] != key}  # views of the old one
+        view = self._views[view_key] = buffer[:size].view(shape)
+        return view
 
     def clear(self) -> None:
         """Drop every buffer (memory is returned; the next step allocates again)."""
         self._buffers.clear()
+        self._views.clear()
 
 
 def add_step(x: Tensor, u: Tensor, t: StepSize, *, out: Tensor | None = None) -> Tensor:

@@ -32,6 +32,21 @@ def add_adjoint(a: Tensor, *, out: Tensor | None = None) -> Tensor:
     return out.add_(a)
 
 
+def all_finite_small(t: Tensor) -> Tensor:
+    """A 0-dim bool: every entry of ``t`` is finite (``t - t`` is 0 exactly for finite entries
+    and NaN otherwise: two elementwise operations where ``isfinite`` takes five on CPUs).
+    Meant for small tensors, where the count of operations is the cost."""
+    return ((t - t) == 0).all()
+
+
+def product(a: Tensor, b: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` (into ``out``), as one ``bmm`` call for batches of matrices (``matmul``
+    reshapes and expands first, a handful of dispatches that show on small matrices)."""
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b, out=out)
+    return torch.matmul(a, b, out=out)
+
+
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     """The real dtype of a complex one (a real dtype is its own). ``torch.dtype.to_real`` does
     the same but torch.compile cannot trace it."""

@@ -11,6 +11,7 @@ from torch import Tensor
 from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, add_step, check_iterations, into
 from .linalg import (
     add_adjoint,
+    all_finite_small,
     cholesky_orthonormalize,
     cholesky_upper,
     divide_upper,
@@ -21,6 +22,7 @@ from .linalg import (
     newton_schulz,
     polar_from_gram,
     polar_svd,
+    product,
     qr_positive,
     real_dtype,
     sym,
@@ -402,7 +404,7 @@ def _fused_momentum_step_in_place(
 
     e = tracking if tracking is not None else x.mH @ m
     ratio = a / b
-    h = torch.matmul(x.mH, g, out=small("stiefel_h")).add_(e, alpha=ratio)  # H = X^T g + (a/b) E
+    h = product(x.mH, g, out=small("stiefel_h")).add_(e, alpha=ratio)  # H = X^T g + (a/b) E
     h2 = add_adjoint(h, out=small("stiefel_h2"))
     delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))
     delta_sq = _squared_norms(delta)
@@ -429,12 +431,12 @@ def _fused_momentum_step_in_place(
         upper = torch.where(ok, cholesky_upper(gram), identity_like(gram))  # factor I: Y = X exactly
         divide_upper(upper, w, out=x)
         return MomentumStep(x, m, norm_sq, x.mH @ m, e, ok)
-    moment = torch.matmul(m.mH, m, out=small("stiefel_moment"))  # B, finite
+    moment = product(m.mH, m, out=small("stiefel_moment"))  # B, finite
     t2 = t_points * t_points
     # ||t^2 B|| from t^2 B itself (B may overflow where t^2 B does not), in the Gram buffer
     scaled = torch.mul(moment, t2, out=small("stiefel_gram"))
     t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(scaled)).clamp(max=1.0)[..., None, None]
-    ok = ok & torch.isfinite(t2).all()
+    ok = ok & all_finite_small(t2)
     # a step not taken: t = 0, so the Gram matrix is I exactly, its factor I, and Y = X
     t2 = torch.where(ok, t2, 0.0)
     t_points = t2.sqrt().copysign(t_points)
@@ -446,12 +448,12 @@ def _fused_momentum_step_in_place(
     # the old one (tracking_used)
     if n < 2 * p:
         torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=x)
-        next_tracking = torch.matmul(x.mH, m, out=small("stiefel_tracking"))  # from the data
+        next_tracking = product(x.mH, m, out=small("stiefel_tracking"))  # from the data
     else:
         inverse = invert_upper(upper, out=small("stiefel_inverse"))
-        torch.matmul(w, inverse, out=x)
+        product(w, inverse, out=x)
         rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)  # b skew(H) + t B, into H
-        next_tracking = torch.matmul(inverse.mH, rhs, out=small("stiefel_tracking"))
+        next_tracking = product(inverse.mH, rhs, out=small("stiefel_tracking"))
     return MomentumStep(x, m, norm_sq, next_tracking, e, ok)
 
 

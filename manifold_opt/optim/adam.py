@@ -12,6 +12,7 @@ from torch.optim.adam import adam as torch_adam
 
 from ..manifolds import Euclidean, Manifold
 from ..manifolds.base import Workspace
+from ..manifolds.linalg import all_finite_small
 from .base import (
     Bucket,
     BucketedOptimizer,
@@ -179,7 +180,7 @@ class RiemannianAdam(BucketedOptimizer):
             writes.append(StateWrite("max_exp_avg_sq", update.max_exp_avg_sq, layout))
         tracked, drop, on_commit = tracking_outputs(bucket, "exp_avg", update.tracking, update.tracking_used, refresh)
         if update.finite is not None:  # the manifold checked x and m on its small intermediates
-            ok = update.finite & torch.isfinite(update.exp_avg_sq).all()
+            ok = update.finite & all_finite_small(update.exp_avg_sq)
         else:
             ok = all_finite(update.x, update.momentum, update.exp_avg_sq)
         return BucketUpdate(update.x, writes + tracked, ok, drop, on_commit)

@@ -19,6 +19,7 @@ POINTS = {
     "stiefel-tall": (Stiefel(), (40, 6)),
     "stiefel-wide": (Stiefel(), (6, 40)),
     "stiefel-near-square": (Stiefel(), (12, 10)),
+    "stiefel-square-large": (Stiefel(), (256, 256)),  # the tracking state by a triangular solve
     "stiefel-batch": (Stiefel(batch_dims=1), (3, 20, 4)),
     "stiefel-polar": (Stiefel(retraction="polar"), (20, 4)),
     "sphere-rows": (Sphere(batch_dims=1), (5, 7)),

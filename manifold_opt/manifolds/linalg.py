@@ -55,7 +55,7 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def sym(a: Tensor) -> Tensor:
     r"""Symmetric (Hermitian) part :math:`(A + A^\mathsf{H})/2` of a batch of square matrices."""
-    return 0.5 * (a + a.mH)
+    return add_adjoint(a).mul_(0.5)
 
 
 def skew(a: Tensor) -> Tensor:

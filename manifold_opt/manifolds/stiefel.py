@@ -332,14 +332,15 @@ def _fused_momentum_step(
     ratio = a / b
     # H = X^T (a m + b g) / b: sym(H) projects, F = X^T m' = b skew(H) (A and E enter together)
     h = a_g if e is None else torch.add(a_g, e, alpha=ratio)
-    h2 = h + h.mH  # 2 sym(H), the one transposed pass
+    h2 = add_adjoint(h, out=_square_scratch(work, x, "stiefel_h2"))  # 2 sym(H), the one transposed pass
     # b Delta~ = b g - (b/2) X (2 sym H), one BLAS call
     m_new = subtract_product(g, x, h2, alpha=0.5 * b, beta=b, out=work.like("direction", x))
     norm_sq = None
     if needs_grad_norm:
         norm_sq = _squared_norms(m_new) / (b * b)
         if e is not None:  # minus the normal part ratio * X sym(E), orthogonal to r
-            norm_sq = (norm_sq - (0.5 * ratio) ** 2 * _squared_norms(e + e.mH)).clamp_min(0)
+            sym_e_sq = _squared_norms(add_adjoint(e, out=_square_scratch(work, x, "stiefel_pp")))
+            norm_sq = (norm_sq - (0.5 * ratio) ** 2 * sym_e_sq).clamp_min(0)
     if m is not None:
         m_new.add_(m, alpha=a)
     t = step_size(norm_sq)
@@ -363,19 +364,9 @@ def _fused_momentum_step(
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
     w = torch.addcmul(x, m_new, t_points, out=w)
     upper = cholesky_upper(gram)
-    n, p = x.shape[-2:]
-    if n < 2 * p:  # near-square: LAPACK's solves (p x p products cost n x p ones here)
-        y = torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=work.like("stiefel_point", x))
-        if p >= TRACK_BY_SOLVE_FROM:
-            rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-            next_tracking = torch.linalg.solve_triangular(upper.mH, rhs, upper=False)  # R^-T (F + t B)
-        else:
-            next_tracking = y.mH @ m_new
-    else:  # one inverse serves both: Y = W R^-1 and Y^T m' = R^-T W^T m' = R^-T (F + t B), F = b skew(H)
-        inverse = invert_upper(upper)
-        y = torch.matmul(w, inverse, out=work.like("stiefel_point", x))
-        rhs = torch.add(h, h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-        next_tracking = inverse.mH @ rhs
+    y, next_tracking = _orthonormalize_and_track(
+        upper, w, m_new, h, h2, b, moment, t_points, work.like("stiefel_point", x), work
+    )
     # B = m'^T m' finite: finite m'; finite factor (NaN when Cholesky fails) and limited step: finite Y
     finite = torch.isfinite(moment).all() & torch.isfinite(upper).all() & torch.isfinite(next_tracking).all()
     return MomentumStep(y, m_new, norm_sq, next_tracking, used, finite)
@@ -406,10 +397,9 @@ def _fused_momentum_step_in_place(
     :math:`\tilde\Delta` is cleaned of NaN/Inf first (one pass), which replaces the selection
     passes over ``x`` and ``m`` that writing from scratch buffers needs.
     """
-    n, p = x.shape[-2:]
 
-    def small(name: str) -> Tensor | None:  # a p x p scratch buffer per point
-        return work.empty(name, (*x.shape[:-2], p, p), x.dtype, x.device)
+    def small(name: str) -> Tensor | None:
+        return _square_scratch(work, x, name)
 
     e = tracking if tracking is not None else x.mH @ m
     ratio = a / b
@@ -455,19 +445,46 @@ def _fused_momentum_step_in_place(
     w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))  # exactly x where t = 0
     # the next tracking state is a scratch buffer: where the step is not ok the caller keeps
     # the old one (tracking_used)
-    if n < 2 * p:
-        torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=x)
-        if p >= TRACK_BY_SOLVE_FROM:  # R^-T (F + t B), F = b skew(H)
-            rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)
-            next_tracking = torch.linalg.solve_triangular(upper.mH, rhs, upper=False, out=small("stiefel_tracking"))
-        else:  # from the data
-            next_tracking = product(x.mH, m, out=small("stiefel_tracking"))
-    else:
-        inverse = invert_upper(upper, out=small("stiefel_inverse"))
-        product(w, inverse, out=x)
-        rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t_points)  # b skew(H) + t B, into H
-        next_tracking = product(inverse.mH, rhs, out=small("stiefel_tracking"))
+    _, next_tracking = _orthonormalize_and_track(upper, w, m, h, h2, b, moment, t_points, x, work)
     return MomentumStep(x, m, norm_sq, next_tracking, e, ok)
+
+
+def _square_scratch(work: Workspace, x: Tensor, name: str) -> Tensor | None:
+    """A ``p x p`` scratch buffer per point of tall ``x`` (None from a disabled workspace)."""
+    p = x.shape[-1]
+    return work.empty(name, (*x.shape[:-2], p, p), x.dtype, x.device)
+
+
+def _orthonormalize_and_track(
+    upper: Tensor,
+    w: Tensor,
+    m: Tensor,
+    h: Tensor,
+    h2: Tensor,
+    b: float,
+    moment: Tensor,
+    t: Tensor,
+    out: Tensor | None,
+    work: Workspace,
+) -> tuple[Tensor, Tensor]:
+    r""":math:`Y = W R^{-1}` (into ``out``) and the next tracking state :math:`Y^\top m' =
+    R^{-\top} W^\top m' = R^{-\top}(F + tB)`, :math:`F = b\,\mathrm{skew}(H)` (formed in
+    ``h``'s place), for the fused steps. Tall ``W`` (``n >= 2p``): one inverse serves both
+    (products only). Near-square: LAPACK's solve for ``Y``, and the tracking state by a
+    triangular solve with the ``p x p`` right-hand side from ``TRACK_BY_SOLVE_FROM`` on, by
+    the product :math:`Y^\top m'` below it (``p x p`` products cost ``n x p`` ones there)."""
+    n, p = w.shape[-2:]
+    tracking_out = _square_scratch(work, w, "stiefel_tracking")
+    if n < 2 * p:
+        y = torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=out)
+        if p < TRACK_BY_SOLVE_FROM:
+            return y, product(y.mH, m, out=tracking_out)
+        rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t)
+        return y, torch.linalg.solve_triangular(upper.mH, rhs, upper=False, out=tracking_out)
+    inverse = invert_upper(upper, out=_square_scratch(work, w, "stiefel_inverse"))
+    y = product(w, inverse, out=out)
+    rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t)
+    return y, product(inverse.mH, rhs, out=tracking_out)
 
 
 def _squared_norms(a: Tensor) -> Tensor:

@@ -23,8 +23,9 @@ from .host_reads import reads_during_step
 
 
 def mixed_model(device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
-    """Stiefel (tall, wide, conv, batched, large enough for its own bucket), oblique rows, a
-    sphere, PSI rows before BatchNorm, and plain parameters."""
+    """Stiefel (tall, wide, conv, batched, large enough for its own bucket, tall with p > 32
+    whose R^-1 is formed by blocks), oblique rows, a sphere, PSI rows before BatchNorm, and
+    plain parameters."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3),
@@ -42,6 +43,7 @@ def mixed_model(device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
     model.register_parameter("tall", ManifoldParameter(torch.randn(300, 220), Stiefel()))  # its own bucket
     model.register_parameter("tall_twins", ManifoldParameter(torch.randn(2, 12, 4), Stiefel(batch_dims=1)))
     model.register_parameter("ball", ManifoldParameter(torch.randn(7), Sphere()))
+    model.register_parameter("tall_blocks", ManifoldParameter(torch.randn(2, 160, 40), Stiefel(batch_dims=1)))
     return model.to(device)
 
 
@@ -50,6 +52,7 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
     device = model.tall.device
     x = torch.randn(8, 3, 8, 8, generator=gen).to(device)
     extra = (model.tall[:12, :4] * model.tall_twins[0]).sum() + (model.ball * torch.arange(7, device=device)).sum()
+    extra = extra + model.tall_blocks.cos().sum()
     return model(x).square().mean() + model.tall.sin().sum() + extra
 
 

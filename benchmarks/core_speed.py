@@ -11,7 +11,8 @@ Sections of ``benchmarks/results/core_speed.md``, in order:
    ``torch.optim`` (foreach) on the same shapes unconstrained;
 2. **Every retraction** of ``Stiefel`` (qr, polar, cayley, newton) on the same workloads;
 3. **Size sweep**: square, tall (8n x n) and wide (n x 8n) matrices, one matrix or 32 of
-   them, with plots ``core_speed_sweep_{square,tall,wide}.png``;
+   them, with plots ``core_speed_sweep_{square,tall,wide}.png``; for one small matrix also
+   the step compiled with ``torch.compile(opt.step)``;
 4. **Training step** (forward + backward + step) of an MLP with orthogonal hidden layers,
    against torch's and geotorch's ``orthogonal`` parametrizations and geoopt;
 5. **Primitives** behind the ``qr`` retraction (triangular solve, Cholesky, Householder QR),
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._dynamo
 from torch import Tensor, nn
 
 from manifold_opt import ManifoldParameter, RiemannianAdam, RiemannianSGD, Stiefel
@@ -64,6 +66,7 @@ GRAM = "Gram"
 
 OURS = "manifold_opt Stiefel()"
 OURS_NEWTON = "manifold_opt Stiefel(newton)"
+OURS_COMPILED = "manifold_opt Stiefel(), torch.compile(opt.step)"
 GEOOPT_QR = "geoopt EuclideanStiefel"
 GEOOPT_CANONICAL = "geoopt Stiefel (canonical)"
 TORCH = "torch.optim foreach (unconstrained)"
@@ -311,8 +314,22 @@ def _ours(retraction: str) -> Callable[[Problem, str], Step]:
     return lambda problem, opt: ours_optimizer(opt, problem.ours(retraction)).step
 
 
+# each sweep case resets dynamo's caches; every optimizer adds entries for the same code
+torch._dynamo.config.recompile_limit = 64
+COMPILED_SETTLE_STEPS = 3  # compile (step 1) and recompile (step 2, when the state exists)
+
+
+def _ours_compiled(problem: Problem, opt: str) -> Step:
+    """The default step under ``torch.compile``, compiled and settled before it is timed."""
+    step = torch.compile(ours_optimizer(opt, problem.ours("qr")).step)
+    for _ in range(COMPILED_SETTLE_STEPS):
+        step()
+    return step
+
+
 METHODS: dict[str, Callable[[Problem, str], Step]] = {
     **{ours_method(r): _ours(r) for r in RETRACTIONS},
+    OURS_COMPILED: _ours_compiled,
     GEOOPT_QR: lambda problem, opt: geoopt_optimizer(opt, problem.geoopt(geoopt.EuclideanStiefel())).step,
     GEOOPT_CANONICAL: lambda problem, opt: geoopt_optimizer(opt, problem.geoopt(geoopt.Stiefel())).step,
     TORCH: lambda problem, opt: torch_optimizer(opt, problem.plain()).step,
@@ -413,8 +430,12 @@ SHAPE_KINDS: dict[str, Callable[[int], tuple[int, int]]] = {
 SHAPE_LABELS = {"square": "n×n", "tall": "8n×n", "wide": "n×8n"}
 MANY = 32
 MANY_MAX_N = 256  # 128 in quick mode (32 matrices of 2048×256 take most of a quick run)
+# the compiled step: one matrix, where launching the step's operations is most of its cost
+# (10-40 s of compilation per optimizer, so n = 64 and 16 only in quick mode)
+COMPILED_MAX_N = {"square": 256, "tall": 64, "wide": 64}
 SWEEP_STYLE = {
     OURS: "tab:blue",
+    OURS_COMPILED: "tab:green",
     OURS_NEWTON: "tab:cyan",
     GEOOPT_QR: "tab:red",
     GEOOPT_CANONICAL: "tab:orange",
@@ -437,6 +458,8 @@ def sweep_cases(settings: Settings) -> list[tuple[SweepKey, list[str]]]:
                 rows = max(SHAPE_KINDS[kind](n))
                 if not settings.quick and n <= 512 and rows <= GEOOPT_CANONICAL_MAX_N:
                     methods.insert(3, GEOOPT_CANONICAL)
+                if count == 1 and n <= (sizes[0] if settings.quick else COMPILED_MAX_N[kind]):
+                    methods.insert(1, OURS_COMPILED)
                 cases.append(((kind, count, n), methods))
     if not settings.quick:
         cases.append((("square", 1, 4096), [OURS, GEOOPT_QR]))
@@ -449,6 +472,8 @@ def measure_sweep(settings: Settings) -> dict[SweepKey, dict[Hashable, Result]]:
         kind, count, n = key
         problem = Problem([SHAPE_KINDS[kind](n)] * count, settings.device)
         builders = step_builders(problem, methods)
+        if OURS_COMPILED in methods:
+            torch._dynamo.reset()  # this case's optimizers only
         if n >= 4096:  # several seconds a call: one call per repeat, three repeats
             results[key] = measure(settings, builders, problem.gram(), repeats=3, min_seconds=0.0, warmup=1)
         else:
@@ -466,7 +491,11 @@ def sweep_table(results: dict[SweepKey, dict[Hashable, Result]]) -> str:
         "(geoopt gets the transpose of the wide ones). Cells: Gram units (ms per step), per-repeat medians. "
         f"geoopt's canonical Stiefel only for n ≤ 512 with at most {GEOOPT_CANONICAL_MAX_N} rows (its n×n solve), "
         "the 4096×4096 point (full run only) for manifold_opt qr and geoopt EuclideanStiefel, one call per "
-        "repeat and three repeats."
+        f"repeat and three repeats. `{OURS_COMPILED}`: the same optimizer with its step compiled (inductor), "
+        "timed after it settled (its compilation, 10–40 s per optimizer, is not counted), for one matrix up to "
+        + ", ".join(f"n = {n} ({kind})" for kind, n in COMPILED_MAX_N.items())
+        + " (the smallest size of each kind in quick mode): where a step costs less than a millisecond, most of "
+        "it is launching its operations one by one, which compilation removes."
     ]
     for kind in SHAPE_KINDS:
         rows = []

@@ -492,7 +492,7 @@ def sweep_table(results: dict[SweepKey, dict[Hashable, Result]]) -> str:
         f"geoopt's canonical Stiefel only for n ≤ 512 with at most {GEOOPT_CANONICAL_MAX_N} rows (its n×n solve), "
         "the 4096×4096 point (full run only) for manifold_opt qr and geoopt EuclideanStiefel, one call per "
         f"repeat and three repeats. `{OURS_COMPILED}`: the same optimizer with its step compiled (inductor), "
-        "timed after it settled (its compilation, 10–40 s per optimizer, is not counted), for one matrix up to "
+        "timed after it settled (its compilation is not counted), for one matrix up to "
         + ", ".join(f"n = {n} ({kind})" for kind, n in COMPILED_MAX_N.items())
         + " (the smallest size of each kind in quick mode): where a step costs less than a millisecond, most of "
         "it is launching its operations one by one, which compilation removes."

@@ -314,8 +314,6 @@ def _ours(retraction: str) -> Callable[[Problem, str], Step]:
     return lambda problem, opt: ours_optimizer(opt, problem.ours(retraction)).step
 
 
-# each sweep case resets dynamo's caches; every optimizer adds entries for the same code
-torch._dynamo.config.recompile_limit = 64
 COMPILED_SETTLE_STEPS = 3  # compile (step 1) and recompile (step 2, when the state exists)
 
 
@@ -431,7 +429,7 @@ SHAPE_LABELS = {"square": "n×n", "tall": "8n×n", "wide": "n×8n"}
 MANY = 32
 MANY_MAX_N = 256  # 128 in quick mode (32 matrices of 2048×256 take most of a quick run)
 # the compiled step: one matrix, where launching the step's operations is most of its cost
-# (10-40 s of compilation per optimizer, so n = 64 and 16 only in quick mode)
+# (compiling takes seconds per optimizer, so only the smallest size of each kind in quick mode)
 COMPILED_MAX_N = {"square": 256, "tall": 64, "wide": 64}
 SWEEP_STYLE = {
     OURS: "tab:blue",
@@ -473,7 +471,8 @@ def measure_sweep(settings: Settings) -> dict[SweepKey, dict[Hashable, Result]]:
         problem = Problem([SHAPE_KINDS[kind](n)] * count, settings.device)
         builders = step_builders(problem, methods)
         if OURS_COMPILED in methods:
-            torch._dynamo.reset()  # this case's optimizers only
+            # this case's optimizers only: their entries for the same code stay below dynamo's recompile limit
+            torch._dynamo.reset()
         if n >= 4096:  # several seconds a call: one call per repeat, three repeats
             results[key] = measure(settings, builders, problem.gram(), repeats=3, min_seconds=0.0, warmup=1)
         else:

@@ -238,10 +238,9 @@ def invert_upper(r: Tensor, leaf: int | None = None, *, out: Tensor | None = Non
 
     Shapes: ``r (..., p, p)`` -> ``(..., p, p)`` (into ``out`` if given, not ``r``).
     """
-    if torch.compiler.is_compiling():  # dynamo refuses the blocks' non-contiguous out= views
-        inverse = torch.linalg.solve_triangular(r, identity_like(r).expand_as(r), upper=True)
-        return inverse if out is None else out.copy_(inverse)
-    if leaf is None:
+    if torch.compiler.is_compiling():  # one leaf: dynamo refuses the blocks' non-contiguous out= views
+        leaf = r.shape[-1]
+    elif leaf is None:
         leaf = 64 if math.prod(r.shape[:-2]) <= 1 else 32
     out = torch.empty_like(r) if out is None else out
     _invert_upper_into(r, out, leaf)

@@ -8,13 +8,13 @@ import torch
 from manifold_opt import ManifoldParameter, RiemannianSGD, Stiefel
 
 STEPS = 2000
-# (retraction, iterations, re-projections allowed): exact retractions never need one;
-# converged iterative ones rarely; fixed iteration counts lean on the drift check.
+# (retraction, iterations, re-projections allowed): exact retractions never need one
+# (nor take one: they do not drift); fixed iteration counts lean on the drift check.
 RETRACTIONS = [
     ("qr", None, 0),
     ("polar", None, 0),
     ("newton", None, 0),
-    ("cayley", None, STEPS // 20),
+    ("cayley", None, 0),
     ("cayley", 2, STEPS),
     ("newton", 2, STEPS),
 ]

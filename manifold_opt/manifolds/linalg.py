@@ -211,10 +211,30 @@ def cholesky_orthonormalize(w: Tensor, gram: Tensor, *, out: Tensor | None = Non
 
 
 def cholesky_upper(gram: Tensor) -> Tensor:
-    """Upper ``R`` with ``R^T R = gram``; NaN where the factorization fails (no host read)."""
-    upper, info = torch.linalg.cholesky_ex(gram, upper=True)
+    """Upper ``R`` with ``R^H R = gram``; NaN where the factorization fails (no host read).
+
+    On CPUs, a ``p x p`` matrix with ``p`` a multiple of 64 (from 128) is factored inside the
+    ``(p + 16) x (p + 16)`` matrix ``diag(gram, I)``, whose factor is ``diag(R, I)``: torch's
+    CPU ``cholesky_ex`` zeroes the other triangle of its column-major result with a strided
+    loop, and at a power-of-two stride that loop thrashes the cache (one thread: 512 x 512
+    in 1.0 against 1.9 ms, 1024 x 1024 in 6.6 against 12.7 ms, ``python -m benchmarks
+    core_speed``, section 5).
+    """
+    p = gram.shape[-1]
+    if p >= 128 and p % 64 == 0 and gram.device.type == "cpu" and not torch.compiler.is_compiling():
+        padded = gram.new_zeros(*gram.shape[:-2], p + CHOLESKY_PAD, p + CHOLESKY_PAD)
+        padded[..., :p, :p] = gram
+        padded.diagonal(dim1=-2, dim2=-1)[..., p:] = 1
+        upper, info = torch.linalg.cholesky_ex(padded, upper=True)
+        upper = upper[..., :p, :p]
+    else:
+        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
     poison = torch.where(info == 0, 1.0, torch.nan).to(upper.dtype)
     return upper.mul_(poison[..., None, None])
+
+
+# Rows and columns of the identity appended to a power-of-two sized matrix by cholesky_upper.
+CHOLESKY_PAD = 16
 
 
 def divide_upper(r: Tensor, w: Tensor, *, out: Tensor | None = None) -> Tensor:

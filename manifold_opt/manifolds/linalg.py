@@ -9,9 +9,13 @@ reads "Hermitian" and "orthonormal" reads "unitary" for complex input.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .base import Workspace
 
 _REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
@@ -190,7 +194,9 @@ def newton_iterations_needed(lambda_low: float, lambda_high: float, tolerance: f
     return limit
 
 
-def cholesky_orthonormalize(w: Tensor, gram: Tensor, *, out: Tensor | None = None) -> Tensor:
+def cholesky_orthonormalize(
+    w: Tensor, gram: Tensor, *, out: Tensor | None = None, workspace: Workspace | None = None
+) -> Tensor:
     r"""The orthonormal factor :math:`W R^{-1}` of ``W`` given its Gram matrix :math:`R^\top R = W^\top W`.
 
     This is Cholesky-QR: the ``Q`` factor of ``W = QR`` with positive ``diag(R)`` (the map of
@@ -204,13 +210,14 @@ def cholesky_orthonormalize(w: Tensor, gram: Tensor, *, out: Tensor | None = Non
         w: matrices, tall (``n >= p``).
         gram: their Gram matrices ``w^T w`` (or the Gram matrix the caller knows ``w`` has).
         out: where to write the result (not ``w``).
+        workspace: lends the factorization's buffers (see :func:`cholesky_upper`).
 
     Shapes: ``w (..., n, p)``, ``gram (..., p, p)`` -> ``(..., n, p)``.
     """
-    return divide_upper(cholesky_upper(gram), w, out=out)
+    return divide_upper(cholesky_upper(gram, workspace=workspace), w, out=out)
 
 
-def cholesky_upper(gram: Tensor) -> Tensor:
+def cholesky_upper(gram: Tensor, *, workspace: Workspace | None = None) -> Tensor:
     """Upper ``R`` with ``R^H R = gram``; NaN where the factorization fails (no host read).
 
     On CPUs, a ``p x p`` matrix with ``p`` a multiple of 64 (from 128) is factored inside the
@@ -218,21 +225,41 @@ def cholesky_upper(gram: Tensor) -> Tensor:
     CPU ``cholesky_ex`` zeroes the other triangle of its column-major result with a strided
     loop, and at a power-of-two stride that loop thrashes the cache (one thread: 512 x 512
     in 1.0 against 1.9 ms, 1024 x 1024 in 6.6 against 12.7 ms, ``python -m benchmarks
-    core_speed``, section 5).
+    core_speed``, section 5). ``workspace`` lends the buffers (the factor is then one of
+    them); the factor is column-major and contiguous either way, as LAPACK's solves want it.
     """
     p = gram.shape[-1]
+    batch = gram.shape[:-2]
+    work = workspace if workspace is not None else _NO_WORKSPACE
     if p >= 128 and p % 64 == 0 and gram.device.type == "cpu" and not torch.compiler.is_compiling():
-        padded = gram.new_zeros(*gram.shape[:-2], p + CHOLESKY_PAD, p + CHOLESKY_PAD)
+        q = p + CHOLESKY_PAD
+        padded = work.empty("cholesky_padded", (*batch, q, q), gram.dtype, gram.device)
+        padded = gram.new_zeros(*batch, q, q) if padded is None else padded.zero_()
         padded[..., :p, :p] = gram
         padded.diagonal(dim1=-2, dim2=-1)[..., p:] = 1
-        upper, info = torch.linalg.cholesky_ex(padded, upper=True)
-        upper = upper[..., :p, :p]
+        factor = work.empty("cholesky_factor", (*batch, q, q), gram.dtype, gram.device)
+        factor = torch.empty_like(padded) if factor is None else factor
+        info = work.empty("cholesky_info", batch, torch.int32, gram.device)
+        info = torch.empty(batch, dtype=torch.int32, device=gram.device) if info is None else info
+        factor, info = torch.linalg.cholesky_ex(padded, upper=True, out=(factor.mT, info))
+        # the leading block, copied row by row of its transpose (no transposing copy)
+        upper = work.empty("cholesky_upper", (*batch, p, p), gram.dtype, gram.device)
+        upper = torch.empty_like(gram) if upper is None else upper
+        upper = upper.copy_(factor.mT[..., :p, :p]).mT
     else:
         upper, info = torch.linalg.cholesky_ex(gram, upper=True)
     poison = torch.where(info == 0, 1.0, torch.nan).to(upper.dtype)
     return upper.mul_(poison[..., None, None])
 
 
+class _NoWorkspace:
+    """Stands in for a missing workspace: every buffer request is declined (None)."""
+
+    def empty(self, *args: object) -> None:
+        return None
+
+
+_NO_WORKSPACE = _NoWorkspace()
 # Rows and columns of the identity appended to a power-of-two sized matrix by cholesky_upper.
 CHOLESKY_PAD = 16
 

@@ -165,9 +165,9 @@ class Stiefel(EmbeddedManifold):
             return _cayley(x, u if _is_one(t) else u * t, self.iterations)
         work = workspace if workspace is not None else Workspace()
         w = add_step(x, u, t, out=work.like("stiefel_step", x))
-        w, gram = limit_step(x, w, w.mH @ w)
+        w, gram = limit_step(x, w, product(w.mH, w, out=_square_scratch(work, x, "stiefel_gram")))
         if self.retraction == "qr":
-            return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x))
+            return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x), workspace=work)
         if self.retraction == "polar":
             return polar_from_gram(w, gram)
         return _newton_polar(w, gram, self.iterations)
@@ -212,11 +212,11 @@ class Stiefel(EmbeddedManifold):
         working precision) and no tracking state is returned, so the next step forms ``E``
         from the data. Without ``tracking`` ``E`` is formed from the data (one more product).
         """
-        n, p = max(x.shape[-2:]), min(x.shape[-2:])
         # without Adam's gradient norm the composition needs four products too (X^T h, the
-        # projection, the Gram matrix, the solve) and no tracking state; the fused step still
-        # pays on tall points written in place, where it saves passes over n x p tensors
-        in_place_sgd = in_place and m is not None and n >= 4 * p and 0 <= a < 1
+        # projection, the Gram matrix, the solve); the fused step pays where it is written in
+        # place, which saves passes over n x p tensors (the composition writes into scratch
+        # buffers that are then selected into the stored ones)
+        in_place_sgd = in_place and m is not None and 0 <= a < 1
         if self.retraction != "qr" or b == 0 or not (needs_grad_norm or in_place_sgd):
             return super().momentum_step(
                 x, m, g, a, b, step_size=step_size, needs_grad_norm=needs_grad_norm, workspace=workspace
@@ -356,7 +356,7 @@ def _fused_momentum_step(
     if refresh:
         w = torch.addcmul(x, m_new, t_points, out=w)
         w, gram = limit_step(x, w, w.mH @ w)
-        upper = cholesky_upper(gram)
+        upper = cholesky_upper(gram, workspace=work)
         y = divide_upper(upper, w, out=work.like("stiefel_point", x))
         # finite |r|^2 (from |Delta~|^2): finite Delta~, hence m'; finite factor: finite Y
         finite = torch.isfinite(norm_sq).all() & torch.isfinite(upper).all()
@@ -368,7 +368,7 @@ def _fused_momentum_step(
     gram = moment * t2
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
     w = torch.addcmul(x, m_new, t_points, out=w)
-    upper = cholesky_upper(gram)
+    upper = cholesky_upper(gram, workspace=work)
     y, next_tracking = _orthonormalize_and_track(
         upper, w, m_new, h, h2, b, moment, t_points, work.like("stiefel_point", x), work
     )
@@ -390,36 +390,62 @@ def _fused_momentum_step_in_place(
     work: Workspace,
 ) -> MomentumStep:
     r""":func:`_fused_momentum_step` with ``0 <= a < 1``, writing ``m'`` into ``m`` and the new
-    points into ``x`` (with ``refresh``, from the Gram matrix of ``W`` itself, and the next
-    tracking state from the data).
+    points into ``x``.
 
     Whether the step is taken is decided before anything is written, from per-point norms:
-    every :math:`\|\tilde\Delta\|` finite and below :math:`\tfrac{1-a}{b} K`,
-    :math:`K = \sqrt{\max}/2` for the dtype's maximum. Then :math:`\|m\| < K` holds at
-    every step (:math:`a\|m\| + b\|\tilde\Delta\| < K`), so ``B = m'^T m'`` cannot overflow
-    and the Gram matrix :math:`I + t^2 B` always has a Cholesky factor. A step not taken uses
+    every :math:`\|m'\|` finite and below :math:`K = \sqrt{\max}/2` for the dtype's maximum
+    (tested as :math:`\|\tilde\Delta\| < \tfrac{1-a}{b} K`, which gives
+    :math:`\|m'\| \le a\|m\| + b\|\tilde\Delta\| < K` since :math:`\|m\| < K` held before,
+    when ``m'`` is formed as :math:`a m + b\tilde\Delta`), so ``B = m'^T m'`` cannot overflow and
+    the Gram matrix :math:`I + t^2 B` always has a Cholesky factor. A step not taken uses
     weights (1, 0), step 0 and thus the factor ``I``, which give back ``m`` and ``x`` exactly;
-    :math:`\tilde\Delta` is cleaned of NaN/Inf first (one pass), which replaces the selection
+    the new momentum is cleaned of NaN/Inf first (one pass), which replaces the selection
     passes over ``x`` and ``m`` that writing from scratch buffers needs.
+
+    Two ways to form ``m'``:
+
+    * **tracked** (Adam, whose step size needs :math:`\|r\|`, and tall points): from
+      :math:`\tilde\Delta` and the tracking state ``E``, as in :func:`_fused_momentum_step`;
+    * **untracked** (SGD on near-square points, ``n < 4p``, where updating ``E`` costs about a
+      product): :math:`m' = b P_X(g + \tfrac ab m)` from :math:`X^\top(g + \tfrac ab m)`, one
+      pass more and no tracking state.
+
+    With ``refresh`` (always, untracked) the Gram matrix is formed from ``W`` itself, which
+    re-orthonormalizes ``X``; the step is first shortened to :math:`\|t m'\|_F \le 3p^{1/4}`, a
+    bound beyond which :func:`limit_step` shortens it anyway (the Frobenius norm is at most
+    :math:`p^{1/4}` times the Schatten-4 norm it limits), so that ``W`` stays finite for any
+    step size.
     """
 
     def small(name: str) -> Tensor | None:
         return _square_scratch(work, x, name)
 
-    e = tracking if tracking is not None else x.mH @ m
+    n, p = x.shape[-2:]
+    tracked = needs_grad_norm or tracking is not None or n >= 4 * p
     ratio = a / b
-    h = product(x.mH, g, out=small("stiefel_h")).add_(e, alpha=ratio)  # H = X^T g + (a/b) E
-    h2 = add_adjoint(h, out=small("stiefel_h2"))
-    delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))
-    delta_sq = _squared_norms(delta)
+    if tracked:
+        e = tracking if tracking is not None else x.mH @ m
+        h = product(x.mH, g, out=small("stiefel_h")).add_(e, alpha=ratio)  # H = X^T g + (a/b) E
+        h2 = add_adjoint(h, out=small("stiefel_h2"))
+        delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))  # Delta~
+        delta_sq = _squared_norms(delta)
+        bound = ((1 - a) / b) ** 2 * torch.finfo(delta.dtype).max / 4
+    else:
+        e = None
+        c = torch.add(g, m, alpha=ratio, out=work.like("direction", x))
+        h2 = add_adjoint(product(x.mH, c, out=small("stiefel_h")), out=small("stiefel_h2"))
+        delta = subtract_product(c, x, h2, alpha=0.5 * b, beta=b, out=c)  # m' = b P_X(c)
+        delta_sq = _squared_norms(delta)
+        bound = torch.finfo(delta.dtype).max / 4
     norm_sq = None
     if needs_grad_norm:
         sym_e_sq = _squared_norms(add_adjoint(e, out=small("stiefel_pp")))
         norm_sq = (delta_sq - (0.5 * ratio) ** 2 * sym_e_sq).clamp_min(0)
-    bound = ((1 - a) / b) ** 2 * torch.finfo(delta.dtype).max / 4
     ok = (delta_sq < bound).all()  # False for NaN and Inf too
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
-    if abs(a + b - 1) < 1e-12:
+    if not tracked:
+        m.lerp_(delta, ok.to(m.dtype))  # m', or m
+    elif abs(a + b - 1) < 1e-12:
         m.lerp_(delta, ok.to(m.dtype) * b)  # m' = a m + b Delta~, or m
     else:
         # the coefficient in m's own precision (torch.where of two Python numbers gives float32)
@@ -428,13 +454,17 @@ def _fused_momentum_step_in_place(
     t = step_size(norm_sq)
     t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=real_dtype(x.dtype), device=x.device)
     t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
-    if refresh:  # the Gram matrix of W itself (re-orthonormalizes), the next tracking state from the data
-        ok = ok & torch.isfinite(t_points).all()
+    if refresh or not tracked:  # the Gram matrix of W itself (re-orthonormalizes)
+        m_norm = delta_sq.sqrt() if not tracked else _squared_norms(m).sqrt()
+        longest = MAX_STEP * p**0.25
+        t_points = t_points * (longest / (t_points.abs() * m_norm)).clamp(max=1.0).nan_to_num(nan=1.0)
+        ok = ok & all_finite_small(t_points)
         w = torch.addcmul(x, m, torch.where(ok, t_points, 0.0), out=work.like("stiefel_step", x))
-        w, gram = limit_step(x, w, w.mH @ w)
-        upper = torch.where(ok, cholesky_upper(gram), identity_like(gram))  # factor I: Y = X exactly
-        divide_upper(upper, w, out=x)
-        return MomentumStep(x, m, norm_sq, x.mH @ m, e, ok)
+        w, gram = limit_step(x, w, product(w.mH, w, out=small("stiefel_gram")))
+        # a step not taken (w = x, finite): the Gram matrix I, its factor I, and Y = X exactly
+        gram.mul_(ok).diagonal(dim1=-2, dim2=-1).add_(~ok)
+        divide_upper(cholesky_upper(gram, workspace=work), w, out=x)
+        return MomentumStep(x, m, norm_sq, x.mH @ m if tracked else None, e, ok)
     moment = product(m.mH, m, out=small("stiefel_moment"))  # B, finite
     t2 = t_points * t_points
     # ||t^2 B|| from t^2 B itself (B may overflow where t^2 B does not), in the Gram buffer
@@ -446,7 +476,7 @@ def _fused_momentum_step_in_place(
     t_points = t2.sqrt().copysign(t_points)
     gram = torch.mul(moment, t2, out=small("stiefel_gram"))
     gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B: positive definite, B being finite
-    upper = cholesky_upper(gram)
+    upper = cholesky_upper(gram, workspace=work)
     w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))  # exactly x where t = 0
     # the next tracking state is a scratch buffer: where the step is not ok the caller keeps
     # the old one (tracking_used)
@@ -503,8 +533,8 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
     ``w = x + u`` for a tangent ``u`` has the Gram matrix :math:`I + u^\top u`, so
     ``gram - I`` measures the step. A point whose step is too long is replaced by
     :math:`x + s u`, :math:`s = 3/\|u^\top u\|_F^{1/2}`, whose Gram matrix
-    :math:`(1 - s^2) I + s^2\,\text{gram}` needs no new product. ``w`` is updated in place
-    (a no-op for the others: ``lerp`` with weight 1 returns its end exactly).
+    :math:`(1 - s^2) I + s^2\,\text{gram}` needs no new product. ``w`` and ``gram`` are
+    updated in place (a no-op for the others: ``lerp`` with weight 1 returns its end exactly).
 
     Shapes: ``x, w (..., n, p)`` tall, ``gram (..., p, p)`` -> the same.
     """
@@ -514,7 +544,7 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
     size2 = torch.linalg.matrix_norm(gram).square() - 2 * diagonal.real.sum(-1) + gram.shape[-1]
     shrink2 = (MAX_STEP**2 / size2.clamp_min(0).sqrt()).clamp(max=1.0)  # NaN stays NaN
     s2 = shrink2[..., None, None]
-    gram = gram * s2  # (1 - s^2) I + s^2 gram, exactly gram when s = 1
+    gram = gram.mul_(s2)  # (1 - s^2) I + s^2 gram, exactly gram when s = 1
     gram.diagonal(dim1=-2, dim2=-1).add_(1 - shrink2[..., None])
     weight = shrink2.sqrt()[..., None, None].to(x.dtype)  # lerp wants the weight in the points dtype
     return (torch.lerp(x, w, weight) if torch.compiler.is_compiling() else torch.lerp(x, w, weight, out=w)), gram

@@ -326,6 +326,37 @@ def test_an_overflowing_stiefel_step_is_skipped_not_a_linalg_error(retraction: s
     torch.testing.assert_close(weight.detach(), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(5, 5), (6, 4), (4, 6), (24, 3)], ids=str)  # near-square, wide, tall
+@pytest.mark.parametrize("lr", [1e-3, 1.0, 1e6, 1e20, 1e36])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e15, 1e30])
+def test_momentum_sgd_in_place_lands_on_stiefel_or_skips_at_any_lr_and_scale(
+    shape: tuple[int, int], lr: float, scale: float
+) -> None:
+    # the in-place momentum step (nonfinite="skip"), untracked on near-square points and
+    # tracked on tall ones: W = X + t m' must stay finite for every step size
+    gen = torch.Generator().manual_seed(0)
+    weight = ManifoldParameter(torch.randn(shape, generator=gen), Stiefel())
+    opt = RiemannianSGD([weight], lr=lr, momentum=0.9)
+    for step in range(6):  # the first step makes the momentum, the 5th refreshes a tracked one
+        before = weight.detach().clone()
+        momentum = opt.state[weight].get("momentum_buffer")
+        momentum = None if momentum is None else momentum.clone()
+        skipped = opt.skipped_steps
+        weight.grad = scale * torch.randn(shape, generator=gen)
+        opt.step()
+        if opt.skipped_steps > skipped:
+            torch.testing.assert_close(weight.detach(), before, rtol=0, atol=0)
+            if momentum is not None:
+                torch.testing.assert_close(opt.state[weight]["momentum_buffer"], momentum, rtol=0, atol=0)
+            continue
+        assert torch.isfinite(weight).all(), f"step {step}"
+        # a gradient below 1e-19 has a squared norm that underflows float32, so the step is not
+        # shortened before W = X + t m is formed (documented in stiefel._pre_limit): still on
+        # the manifold, to the accuracy of the plain composition
+        bound = 1e-5 if scale < 1e-19 and lr * scale > 1 else 2e-6
+        assert float(Stiefel().distance_to_manifold(weight.detach())) < bound, f"step {step}"
+
+
 # ------------------------------------------------------------------ the first hour
 def test_a_manifold_class_instead_of_an_instance_asks_did_you_mean() -> None:
     with pytest.raises(TypeError, match=r"got the class Stiefel: did you mean Stiefel\(\)\?"):

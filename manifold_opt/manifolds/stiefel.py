@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, add_step, check_iterations, into
+from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, check_iterations, into
 from .linalg import (
     add_adjoint,
     all_finite_small,
@@ -164,7 +165,8 @@ class Stiefel(EmbeddedManifold):
         if self.retraction == "cayley":
             return _cayley(x, u if _is_one(t) else u * t, self.iterations)
         work = workspace if workspace is not None else Workspace()
-        w = add_step(x, u, t, out=work.like("stiefel_step", x))
+        t = _pre_limit(_step_sizes(t, x), _squared_norms(u), x.shape[-1])
+        w = torch.addcmul(x, u, t, out=work.like("stiefel_step", x))
         w, gram = limit_step(x, w, product(w.mH, w, out=_square_scratch(work, x, "stiefel_gram")))
         if self.retraction == "qr":
             return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x), workspace=work)
@@ -348,12 +350,11 @@ def _fused_momentum_step(
             norm_sq = (norm_sq - (0.5 * ratio) ** 2 * sym_e_sq).clamp_min(0)
     if m is not None:
         m_new.add_(m, alpha=a)
-    t = step_size(norm_sq)
-    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=real_dtype(x.dtype), device=x.device)
-    t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
+    t_points = _step_sizes(step_size(norm_sq), x).reshape(-1, 1, 1)
     w = work.like("stiefel_step", x)
     used = torch.zeros_like(a_g) if e is None else e
     if refresh:
+        t_points = _pre_limit(t_points, _squared_norms(m_new), x.shape[-1])
         w = torch.addcmul(x, m_new, t_points, out=w)
         w, gram = limit_step(x, w, w.mH @ w)
         upper = cholesky_upper(gram, workspace=work)
@@ -362,11 +363,7 @@ def _fused_momentum_step(
         finite = torch.isfinite(norm_sq).all() & torch.isfinite(upper).all()
         return MomentumStep(y, m_new, norm_sq, None, used, finite)
     moment = m_new.mH @ m_new  # B
-    t2 = t_points * t_points
-    t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(t2 * moment)).clamp(max=1.0)[..., None, None]
-    t_points = t2.sqrt().copysign(t_points)
-    gram = moment * t2
-    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B
+    gram, t_points = _limited_gram(moment, t_points, None)  # I + t^2 B
     w = torch.addcmul(x, m_new, t_points, out=w)
     upper = cholesky_upper(gram, workspace=work)
     y, next_tracking = _orthonormalize_and_track(
@@ -442,6 +439,8 @@ def _fused_momentum_step_in_place(
         sym_e_sq = _squared_norms(add_adjoint(e, out=small("stiefel_pp")))
         norm_sq = (delta_sq - (0.5 * ratio) ** 2 * sym_e_sq).clamp_min(0)
     ok = (delta_sq < bound).all()  # False for NaN and Inf too
+    t_points = _step_sizes(step_size(norm_sq), x).reshape(-1, 1, 1)
+    ok = ok & all_finite_small(t_points)  # everything that decides the step is known: write
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
     if not tracked:
         m.lerp_(delta, ok.to(m.dtype))  # m', or m
@@ -451,37 +450,84 @@ def _fused_momentum_step_in_place(
         # the coefficient in m's own precision (torch.where of two Python numbers gives float32)
         keep = torch.full((), a, dtype=real_dtype(m.dtype), device=m.device).where(ok, 1.0)
         m.mul_(keep).addcmul_(delta, ok.to(m.dtype) * b)
-    t = step_size(norm_sq)
-    t_points = t if isinstance(t, Tensor) else torch.full((), t, dtype=real_dtype(x.dtype), device=x.device)
-    t_points = t_points.reshape(-1, 1, 1) if t_points.dim() else t_points
+    # a step not taken: t = 0, so W = X, the Gram matrix is I exactly, its factor I, and Y = X
+    t_points = torch.where(ok, t_points, 0.0)
     if refresh or not tracked:  # the Gram matrix of W itself (re-orthonormalizes)
-        m_norm = delta_sq.sqrt() if not tracked else _squared_norms(m).sqrt()
-        longest = MAX_STEP * p**0.25
-        t_points = t_points * (longest / (t_points.abs() * m_norm)).clamp(max=1.0).nan_to_num(nan=1.0)
-        ok = ok & all_finite_small(t_points)
-        w = torch.addcmul(x, m, torch.where(ok, t_points, 0.0), out=work.like("stiefel_step", x))
+        t_points = _pre_limit(t_points, delta_sq if not tracked else _squared_norms(m), p)
+        w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))
         w, gram = limit_step(x, w, product(w.mH, w, out=small("stiefel_gram")))
-        # a step not taken (w = x, finite): the Gram matrix I, its factor I, and Y = X exactly
-        gram.mul_(ok).diagonal(dim1=-2, dim2=-1).add_(~ok)
+        gram.mul_(ok).diagonal(dim1=-2, dim2=-1).add_(~ok)  # exactly I where not ok
         divide_upper(cholesky_upper(gram, workspace=work), w, out=x)
         return MomentumStep(x, m, norm_sq, x.mH @ m if tracked else None, e, ok)
     moment = product(m.mH, m, out=small("stiefel_moment"))  # B, finite
-    t2 = t_points * t_points
-    # ||t^2 B|| from t^2 B itself (B may overflow where t^2 B does not), in the Gram buffer
-    scaled = torch.mul(moment, t2, out=small("stiefel_gram"))
-    t2 = t2 * (MAX_STEP**2 / torch.linalg.matrix_norm(scaled)).clamp(max=1.0)[..., None, None]
-    ok = ok & all_finite_small(t2)
-    # a step not taken: t = 0, so the Gram matrix is I exactly, its factor I, and Y = X
-    t2 = torch.where(ok, t2, 0.0)
-    t_points = t2.sqrt().copysign(t_points)
-    gram = torch.mul(moment, t2, out=small("stiefel_gram"))
-    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + t^2 B: positive definite, B being finite
+    # I + t^2 B: finite and positive definite, B being finite
+    gram, t_points = _limited_gram(moment, t_points, small("stiefel_gram"))
     upper = cholesky_upper(gram, workspace=work)
     w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))  # exactly x where t = 0
     # the next tracking state is a scratch buffer: where the step is not ok the caller keeps
     # the old one (tracking_used)
     _, next_tracking = _orthonormalize_and_track(upper, w, m, h, h2, b, moment, t_points, x, work)
     return MomentumStep(x, m, norm_sq, next_tracking, e, ok)
+
+
+def _step_sizes(t: StepSize, x: Tensor) -> Tensor:
+    r"""A step size (a number or a tensor broadcasting against ``x``) as a tensor in the real dtype
+    of ``x``, NaN where :math:`|t| > \sqrt{\varepsilon / \text{tiny}}` (3e15 in float32, 1e146
+    in float64), so that such a step fails the finiteness checks and is skipped.
+
+    Below that bound, a direction whose squared norm underflows (and so cannot be shortened
+    by its norm, nor enter a Gram matrix) moves the point by less than :math:`\sqrt\varepsilon`
+    relative to it; above it, the step could be long and wrongly orthonormalized (measured:
+    ``lr = 1e36`` on a gradient of 1e-30 wrote a point 1e6 off the manifold).
+    """
+    t = t if isinstance(t, Tensor) else torch.full((), t, dtype=real_dtype(x.dtype), device=x.device)
+    info = torch.finfo(t.dtype)
+    return torch.where(t.abs() <= math.sqrt(info.eps / info.tiny), t, math.nan)
+
+
+def _shorten(t: Tensor, cap: Tensor) -> Tensor:
+    """Per-point step sizes of magnitude at most ``cap``: ``sign(t) min(|t|, cap)`` (no product
+    that could overflow; a ``cap`` of ``inf``, from a zero norm, or NaN, from a non-finite one,
+    leaves ``t`` as it is)."""
+    return torch.fmin(t.abs(), cap).copysign(t)
+
+
+def _pre_limit(t: Tensor, squared_norm: Tensor, p: int) -> Tensor:
+    r"""``t`` shortened to :math:`\|t u\|_F \le 3p^{1/4}` per point, for the paths that form
+    ``W = X + t u`` and its Gram matrix from the data (``squared_norm``: :math:`\|u\|_F^2`, ``(k, 1, 1)``).
+
+    The Frobenius norm is at most :math:`p^{1/4}` times the Schatten-4 norm that
+    :func:`limit_step` bounds by ``MAX_STEP``, so a longer step is shortened by it anyway, to
+    the same point; shortening first keeps ``W`` finite and its Gram matrix accurate however
+    large the step size (``lr = 1e6`` on 5 x 5 points: 3e-5 off the manifold without it,
+    4e-7 with it). Where :math:`\|u\|^2` is not finite (an overflowing or NaN direction) ``t``
+    is left as it is, and the step fails its finiteness checks as before; where it underflows
+    to 0 (entries below about 1e-19 in float32) ``t`` is left as it is too, so a step longer
+    than the limit from such a direction (``|t|`` above 1e19) is only as accurate as the
+    composition's (measured: 5e-6 off the manifold).
+    """
+    norm = squared_norm.sqrt()
+    cap = torch.where(norm < math.inf, MAX_STEP * p**0.25 / norm, math.nan)
+    return _shorten(t, cap)
+
+
+def _limited_gram(moment: Tensor, t: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+    r"""The Gram matrix :math:`I + t^2 B` of ``W = X + t m`` (``B = m^H m``, ``X`` orthonormal,
+    ``m`` tangent) and the step size ``t``, shortened per point to
+    :math:`\|t^2 B\|_F \le` ``MAX_STEP**2`` (the limit of :func:`limit_step`).
+
+    ``B`` is scaled by its trace first, so no intermediate overflows however large ``B`` or
+    ``t`` (up to the bound of :func:`_step_sizes`): :math:`\|B\|_F` itself overflows float32
+    for a momentum of norm 4e9, and :math:`t^2 B` for a long step of a large one.
+    """
+    trace = moment.diagonal(dim1=-2, dim2=-1).real.sum(-1)[..., None, None]
+    trace = torch.where(trace > 0, trace, 1.0)  # B = 0: no step, nothing to scale
+    unit = torch.div(moment, trace, out=out)  # B / tr B: entries at most 1
+    size = torch.linalg.matrix_norm(unit)[..., None, None] * trace  # ||B||_F, at most tr B
+    t = _shorten(t, MAX_STEP / size.sqrt())
+    gram = unit.mul_(trace * t * t)  # |t^2 B| <= 9 entrywise
+    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return gram, t
 
 
 def _square_scratch(work: Workspace, x: Tensor, name: str) -> Tensor | None:

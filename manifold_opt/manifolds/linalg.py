@@ -224,42 +224,34 @@ def cholesky_upper(gram: Tensor, *, workspace: Workspace | None = None) -> Tenso
     ``(p + 16) x (p + 16)`` matrix ``diag(gram, I)``, whose factor is ``diag(R, I)``: torch's
     CPU ``cholesky_ex`` zeroes the other triangle of its column-major result with a strided
     loop, and at a power-of-two stride that loop thrashes the cache (one thread: 512 x 512
-    in 1.0 against 1.9 ms, 1024 x 1024 in 6.6 against 12.7 ms, ``python -m benchmarks
+    in 1.27 against 2.02 ms, 1024 x 1024 in 8.2 against 13 ms, ``python -m benchmarks
     core_speed``, section 5). ``workspace`` lends the buffers (the factor is then one of
     them); the factor is column-major and contiguous either way, as LAPACK's solves want it.
     """
     p = gram.shape[-1]
     batch = gram.shape[:-2]
-    work = workspace if workspace is not None else _NO_WORKSPACE
-    if p >= 128 and p % 64 == 0 and gram.device.type == "cpu" and not torch.compiler.is_compiling():
+    if p < 128 or p % 64 or gram.device.type != "cpu" or torch.compiler.is_compiling():
+        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
+    else:
+
+        def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            buffer = None if workspace is None else workspace.empty(name, shape, dtype, gram.device)
+            return torch.empty(shape, dtype=dtype, device=gram.device) if buffer is None else buffer
+
         q = p + CHOLESKY_PAD
-        padded = work.empty("cholesky_padded", (*batch, q, q), gram.dtype, gram.device)
-        padded = gram.new_zeros(*batch, q, q) if padded is None else padded.zero_()
+        padded = scratch("cholesky_padded", (*batch, q, q), gram.dtype).zero_()
         padded[..., :p, :p] = gram
         padded.diagonal(dim1=-2, dim2=-1)[..., p:] = 1
-        factor = work.empty("cholesky_factor", (*batch, q, q), gram.dtype, gram.device)
-        factor = torch.empty_like(padded) if factor is None else factor
-        info = work.empty("cholesky_info", batch, torch.int32, gram.device)
-        info = torch.empty(batch, dtype=torch.int32, device=gram.device) if info is None else info
-        factor, info = torch.linalg.cholesky_ex(padded, upper=True, out=(factor.mT, info))
+        factor = scratch("cholesky_factor", (*batch, q, q), gram.dtype).mT  # column-major, as LAPACK writes
+        factor, info = torch.linalg.cholesky_ex(
+            padded, upper=True, out=(factor, scratch("cholesky_info", batch, torch.int32))
+        )
         # the leading block, copied row by row of its transpose (no transposing copy)
-        upper = work.empty("cholesky_upper", (*batch, p, p), gram.dtype, gram.device)
-        upper = torch.empty_like(gram) if upper is None else upper
-        upper = upper.copy_(factor.mT[..., :p, :p]).mT
-    else:
-        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
+        upper = scratch("cholesky_upper", (*batch, p, p), gram.dtype).copy_(factor.mT[..., :p, :p]).mT
     poison = torch.where(info == 0, 1.0, torch.nan).to(upper.dtype)
     return upper.mul_(poison[..., None, None])
 
 
-class _NoWorkspace:
-    """Stands in for a missing workspace: every buffer request is declined (None)."""
-
-    def empty(self, *args: object) -> None:
-        return None
-
-
-_NO_WORKSPACE = _NoWorkspace()
 # Rows and columns of the identity appended to a power-of-two sized matrix by cholesky_upper.
 CHOLESKY_PAD = 16
 

@@ -69,7 +69,13 @@ class Workspace:
         self.enabled = enabled
 
     def like(self, name: str, tensor: Tensor) -> Tensor | None:
-        """A buffer like ``tensor`` (None for a disabled workspace: the caller allocates)."""
+        """A buffer like ``tensor`` (None for a disabled workspace: the caller allocates), in
+        its layout when ``tensor`` is the transpose of a contiguous tensor (the tall view of a
+        wide point): an elementwise operation between the two layouts runs several times
+        slower than within one (10 x 288 x 64 on one CPU thread: 0.14 against 0.02 ms)."""
+        if tensor.dim() >= 2 and not tensor.is_contiguous() and tensor.mT.is_contiguous():
+            buffer = self.empty(name, tensor.mT.shape, tensor.dtype, tensor.device)
+            return None if buffer is None else buffer.mT
         return self.empty(name, tensor.shape, tensor.dtype, tensor.device)
 
     def empty(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor | None:

@@ -310,7 +310,13 @@ def _is_one(t: StepSize) -> bool:
 def subtract_product(
     u: Tensor, x: Tensor, s: Tensor, *, alpha: float = 1.0, beta: float = 1.0, out: Tensor | None = None
 ) -> Tensor:
-    """``beta u - alpha x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``)."""
+    """``beta u - alpha x @ s`` as one BLAS call (``addmm``/``baddbmm``), into ``out`` (which may be ``u``).
+
+    Into the transpose of a contiguous ``out`` (a wide point's tall view), the transposed
+    product :math:`\beta u^\top - \alpha s^\top x^\top` is formed instead: ``baddbmm``
+    writes a transposed ``out`` one matrix at a time (10 x 288 x 64: 0.27 against 0.2 ms)."""
+    if out is not None and x.dim() in (2, 3) and not out.is_contiguous() and out.mT.is_contiguous():
+        return subtract_product(u.mT, s.mT, x.mT, alpha=alpha, beta=beta, out=out.mT).mT
     if x.dim() == 2:
         return torch.addmm(u, x, s, beta=beta, alpha=-alpha, out=out)
     if x.dim() == 3:

@@ -78,8 +78,20 @@ class Workspace:
             return None if buffer is None else buffer.mT
         return self.empty(name, tensor.shape, tensor.dtype, tensor.device)
 
-    def empty(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor | None:
-        """A buffer of this shape, dtype and device (None for a disabled workspace)."""
+    def empty(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        on_create: Callable[[Tensor], object] | None = None,
+    ) -> Tensor | None:
+        """A buffer of this shape, dtype and device (None for a disabled workspace).
+
+        ``on_create`` is called on the buffer when it is handed out for the first time (a new
+        view, or a reallocation): a caller that writes only part of a buffer under its own
+        name can fill the rest once, there."""
         if not self.enabled:
             return None
         view_key = (name, dtype, device, *shape)
@@ -93,6 +105,8 @@ class Workspace:
             buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
             self._views = {k: v for k, v in self._views.items() if k[:3] != key}  # views of the old one
         view = self._views[view_key] = buffer[:size].view(shape)
+        if on_create is not None:
+            on_create(view)
         return view
 
     def clear(self) -> None:

@@ -9,6 +9,7 @@ reads "Hermitian" and "orthonormal" reads "unitary" for complex input.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -218,52 +219,111 @@ def cholesky_orthonormalize(
 
 
 def cholesky_upper(gram: Tensor, *, workspace: Workspace | None = None) -> Tensor:
-    """Upper ``R`` with ``R^H R = gram``; NaN where the factorization fails (no host read).
+    r"""Upper ``R`` with ``R^H R = gram``; NaN where the factorization fails (no host read).
+
+    ``R`` is returned as :math:`L^\mathsf{H}` for the lower factor ``L``, column-major and
+    contiguous as LAPACK writes it (``R`` itself is then row-major): torch's CPU
+    ``cholesky_ex`` copies its input into a column-major result through a strided
+    triangle loop, which runs faster for the lower triangle (one thread: 512 x 512 inside
+    its padding 0.67 against 0.80 ms, 20 x 144 x 144 0.90 against 1.10 ms). Solve with it
+    by :func:`divide_upper` (a right solve with a row-major ``R`` runs 20 times slower in
+    LAPACK: it solves with ``L`` from the left instead) or with ``R.mH`` from the left.
 
     On CPUs, a ``p x p`` matrix with ``p`` a multiple of 64 (from 128) is factored inside the
-    ``(p + 16) x (p + 16)`` matrix ``diag(gram, I)``, whose factor is ``diag(R, I)``: torch's
-    CPU ``cholesky_ex`` zeroes the other triangle of its column-major result with a strided
-    loop, and at a power-of-two stride that loop thrashes the cache (one thread: 512 x 512
+    ``(p + 16) x (p + 16)`` matrix ``diag(gram, I)``, whose factor is ``diag(L, I)``: at a
+    power-of-two stride that triangle loop thrashes the cache (one thread: 512 x 512
     in 1.27 against 2.02 ms, 1024 x 1024 in 8.2 against 13 ms, ``python -m benchmarks
     core_speed``, section 5). ``workspace`` lends the buffers (the factor is then one of
-    them); the factor is column-major and contiguous either way, as LAPACK's solves want it.
+    them); a Gram matrix written where :func:`cholesky_input` says is factored without
+    being copied.
     """
     p = gram.shape[-1]
     batch = gram.shape[:-2]
-    if p < 128 or p % 64 or gram.device.type != "cpu" or torch.compiler.is_compiling():
-        upper, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if not _pads(p, gram.device):
+        lower, info = torch.linalg.cholesky_ex(gram, upper=False)
     else:
 
         def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
             buffer = None if workspace is None else workspace.empty(name, shape, dtype, gram.device)
             return torch.empty(shape, dtype=dtype, device=gram.device) if buffer is None else buffer
 
+        padded = _padded(batch, p, gram.dtype, gram.device, workspace)
+        block = padded[..., :p, :p]
+        if not _is_view(gram, block):
+            block.copy_(gram)
         q = p + CHOLESKY_PAD
-        padded = scratch("cholesky_padded", (*batch, q, q), gram.dtype).zero_()
-        padded[..., :p, :p] = gram
-        padded.diagonal(dim1=-2, dim2=-1)[..., p:] = 1
         factor = scratch("cholesky_factor", (*batch, q, q), gram.dtype).mT  # column-major, as LAPACK writes
         factor, info = torch.linalg.cholesky_ex(
-            padded, upper=True, out=(factor, scratch("cholesky_info", batch, torch.int32))
+            padded, upper=False, out=(factor, scratch("cholesky_info", batch, torch.int32))
         )
         # the leading block, copied row by row of its transpose (no transposing copy)
-        upper = scratch("cholesky_upper", (*batch, p, p), gram.dtype).copy_(factor.mT[..., :p, :p]).mT
-    poison = torch.where(info == 0, 1.0, torch.nan).to(upper.dtype)
-    return upper.mul_(poison[..., None, None])
+        lower = scratch("cholesky_lower", (*batch, p, p), gram.dtype).copy_(factor.mT[..., :p, :p]).mT
+    poison = torch.where(info == 0, 1.0, torch.nan).to(lower.dtype)
+    return lower.mul_(poison[..., None, None]).mH
+
+
+def cholesky_input(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device, workspace: Workspace | None
+) -> Tensor | None:
+    """Where to write a Gram matrix of ``shape`` ``(..., p, p)`` that :func:`cholesky_upper`
+    will factor with ``workspace``: the leading block of its padded buffer when it pads ``p``
+    (the Gram matrix is then not copied), else None (write it anywhere)."""
+    p = shape[-1]
+    if workspace is None or not workspace.enabled or not _pads(p, device):
+        return None
+    return _padded(tuple(shape[:-2]), p, dtype, device, workspace)[..., :p, :p]
 
 
 # Rows and columns of the identity appended to a power-of-two sized matrix by cholesky_upper.
 CHOLESKY_PAD = 16
 
 
+def _pads(p: int, device: torch.device) -> bool:
+    """Whether :func:`cholesky_upper` factors a ``p x p`` matrix inside ``diag(G, I)``."""
+    return p >= 128 and p % 64 == 0 and device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _padded(
+    batch: tuple[int, ...], p: int, dtype: torch.dtype, device: torch.device, workspace: Workspace | None
+) -> Tensor:
+    """``diag(*, I)`` of size ``p + CHOLESKY_PAD``: the padding is written when the buffer is
+    created, and the workspace's buffer of this ``p`` is only ever written in its leading
+    blocks, so it stays."""
+
+    def pad(buffer: Tensor) -> None:
+        buffer.zero_().diagonal(dim1=-2, dim2=-1)[..., p:] = 1
+
+    q = p + CHOLESKY_PAD
+    shape = (*batch, q, q)
+    buffer = None if workspace is None else workspace.empty(f"cholesky_padded_{p}", shape, dtype, device, on_create=pad)
+    if buffer is None:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        pad(buffer)
+    return buffer
+
+
+def _is_view(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are the same elements of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def divide_upper(r: Tensor, w: Tensor, *, out: Tensor | None = None) -> Tensor:
-    """:math:`W R^{-1}` for upper-triangular ``R``: a product with the explicit inverse for tall
+    r""":math:`W R^{-1}` for upper-triangular ``R``: a product with the explicit inverse for tall
     ``W`` (``n >= 4p``: LAPACK's solve with a tall, narrow right-hand side runs far below
-    matrix-product speed on CPUs, and the ``p x p`` inverse is cheap), else LAPACK's solve."""
+    matrix-product speed on CPUs, and the ``p x p`` inverse is cheap), else LAPACK's solve,
+    which works in place when ``out`` is ``w`` (no copy of ``W``). A row-major ``R`` (as
+    :func:`cholesky_upper` returns it) is solved with from the left,
+    :math:`(R^{-\mathsf{H}} W^\mathsf{H})^\mathsf{H}`, at the speed of a column-major one."""
     n, p = w.shape[-2:]
     if n >= 4 * p:
         return torch.matmul(w, invert_upper(r), out=out)
-    return torch.linalg.solve_triangular(r, w, upper=True, left=False, out=out)
+    if r.stride(-2) == 1:  # column-major
+        return torch.linalg.solve_triangular(r, w, upper=True, left=False, out=out)
+    if out is None or out.is_complex() or torch.compiler.is_compiling():
+        y = torch.linalg.solve_triangular(r.mH, w.mH, upper=False).mH
+        return y if out is None else out.copy_(y)
+    torch.linalg.solve_triangular(r.mT, w.mT, upper=False, out=out.mT)
+    return out
 
 
 def invert_upper(r: Tensor, leaf: int | None = None, *, out: Tensor | None = None) -> Tensor:

@@ -13,6 +13,7 @@ from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, check_ite
 from .linalg import (
     add_adjoint,
     all_finite_small,
+    cholesky_input,
     cholesky_orthonormalize,
     cholesky_upper,
     divide_upper,
@@ -369,7 +370,7 @@ def _fused_momentum_step(
         finite = torch.isfinite(norm_sq).all() & torch.isfinite(upper).all()
         return MomentumStep(y, m_new, norm_sq, None, used, finite)
     moment = m_new.mH @ m_new  # B
-    gram, t_points = _limited_gram(moment, t_points, None)  # I + t^2 B
+    gram, t_points = _limited_gram(moment, t_points, _gram_target(work, x))  # I + t^2 B
     w = torch.addcmul(x, m_new, t_points, out=w)
     upper = cholesky_upper(gram, workspace=work)
     y, next_tracking = _orthonormalize_and_track(
@@ -461,15 +462,19 @@ def _fused_momentum_step_in_place(
     if refresh or not tracked:  # the Gram matrix of W itself (re-orthonormalizes)
         t_points = _pre_limit(t_points, delta_sq if not tracked else _squared_norms(m), p)
         w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))
-        w, gram = limit_step(x, w, product(w.mH, w, out=small("stiefel_gram")))
-        gram.mul_(ok).diagonal(dim1=-2, dim2=-1).add_(~ok)  # exactly I where not ok
+        # near-square: W (limited) into x, then LAPACK's solve in place (no copy of W into x)
+        solve_in_place = n < 4 * p
+        w, gram = limit_step(x, w, product(w.mH, w, out=small("stiefel_gram")), out=x if solve_in_place else None)
+        gram = torch.mul(gram, ok, out=_gram_target(work, x, gram))
+        gram.diagonal(dim1=-2, dim2=-1).add_(~ok)  # exactly I where not ok
         divide_upper(cholesky_upper(gram, workspace=work), w, out=x)
         return MomentumStep(x, m, norm_sq, x.mH @ m if tracked else None, e, ok)
     moment = product(m.mH, m, out=small("stiefel_moment"))  # B, finite
     # I + t^2 B: finite and positive definite, B being finite
-    gram, t_points = _limited_gram(moment, t_points, small("stiefel_gram"))
+    gram, t_points = _limited_gram(moment, t_points, _gram_target(work, x))
     upper = cholesky_upper(gram, workspace=work)
-    w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))  # exactly x where t = 0
+    # exactly x where t = 0; near-square W is formed in x and solved in place (no copy of W)
+    w = x.addcmul_(m, t_points) if n < 2 * p else torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))
     # the next tracking state is a scratch buffer: where the step is not ok the caller keeps
     # the old one (tracking_used)
     _, next_tracking = _orthonormalize_and_track(upper, w, m, h, h2, b, moment, t_points, x, work)
@@ -536,6 +541,15 @@ def _limited_gram(moment: Tensor, t: Tensor, out: Tensor | None) -> tuple[Tensor
     return gram, t
 
 
+def _gram_target(work: Workspace, x: Tensor, fallback: Tensor | None = None) -> Tensor | None:
+    """Where to form the Gram matrix that :func:`cholesky_upper` factors next: its own buffer
+    when it has one (no copy), else ``fallback``, else a scratch buffer."""
+    target = cholesky_input((*x.shape[:-2], x.shape[-1], x.shape[-1]), x.dtype, x.device, work)
+    if target is not None:
+        return target
+    return fallback if fallback is not None else _square_scratch(work, x, "stiefel_gram")
+
+
 def _square_scratch(work: Workspace, x: Tensor, name: str) -> Tensor | None:
     """A ``p x p`` scratch buffer per point of tall ``x`` (None from a disabled workspace)."""
     p = x.shape[-1]
@@ -563,7 +577,7 @@ def _orthonormalize_and_track(
     n, p = w.shape[-2:]
     tracking_out = _square_scratch(work, w, "stiefel_tracking")
     if n < 2 * p:
-        y = torch.linalg.solve_triangular(upper, w, upper=True, left=False, out=out)
+        y = divide_upper(upper, w, out=out)
         if p < TRACK_BY_SOLVE_FROM:
             return y, product(y.mH, m, out=tracking_out)
         rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t)
@@ -579,14 +593,15 @@ def _squared_norms(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True).square()
 
 
-def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
+def limit_step(x: Tensor, w: Tensor, gram: Tensor, *, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""Shorten the steps with :math:`\|u^\top u\|_F > 9` (``MAX_STEP = 3``), without a host read.
 
     ``w = x + u`` for a tangent ``u`` has the Gram matrix :math:`I + u^\top u`, so
     ``gram - I`` measures the step. A point whose step is too long is replaced by
     :math:`x + s u`, :math:`s = 3/\|u^\top u\|_F^{1/2}`, whose Gram matrix
     :math:`(1 - s^2) I + s^2\,\text{gram}` needs no new product. ``w`` and ``gram`` are
-    updated in place (a no-op for the others: ``lerp`` with weight 1 returns its end exactly).
+    updated in place (a no-op for the others: ``lerp`` with weight 1 returns its end exactly);
+    with ``out`` (``x`` itself may be given) the limited steps are written there instead of ``w``.
 
     Shapes: ``x, w (..., n, p)`` tall, ``gram (..., p, p)`` -> the same.
     """
@@ -599,7 +614,9 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
     gram = gram.mul_(s2)  # (1 - s^2) I + s^2 gram, exactly gram when s = 1
     gram.diagonal(dim1=-2, dim2=-1).add_(1 - shrink2[..., None])
     weight = shrink2.sqrt()[..., None, None].to(x.dtype)  # lerp wants the weight in the points dtype
-    return (torch.lerp(x, w, weight) if torch.compiler.is_compiling() else torch.lerp(x, w, weight, out=w)), gram
+    if torch.compiler.is_compiling():
+        return torch.lerp(x, w, weight), gram
+    return torch.lerp(x, w, weight, out=w if out is None else out), gram
 
 
 def newton_default_iterations(dtype: torch.dtype) -> int:

@@ -351,7 +351,11 @@ def invert_upper(r: Tensor, leaf: int | None = None, *, out: Tensor | None = Non
 def _invert_upper_into(r: Tensor, out: Tensor, leaf: int) -> None:
     p = r.shape[-1]
     if p <= leaf:
-        out.copy_(torch.linalg.solve_triangular(r, identity_like(r).expand_as(r), upper=True))
+        eye = identity_like(r).expand_as(r)
+        if r.stride(-2) == 1 or p == 1:  # column-major, as LAPACK wants it
+            out.copy_(torch.linalg.solve_triangular(r, eye, upper=True))
+        else:  # R^-1 = (R^-H)^H: LAPACK copies a row-major triangle first, not its adjoint
+            out.copy_(torch.linalg.solve_triangular(r.mH, eye, upper=False).mH)
         return
     h = p // 2
     t11, t22 = out[..., :h, :h], out[..., h:, h:]

@@ -39,11 +39,11 @@ STIEFEL_RETRACTIONS = ("qr", "polar", "cayley", "newton")
 # rank-1 steps of norm up to 1e6 on 16 x 16 to 256 x 64 points; tests/test_stiefel.py checks
 # < 1.5e-6); beyond it the Gram matrix (condition number 1 + sigma_max^2) would lose that.
 MAX_STEP = 3.0
-# Near-square points (n < 2p) from this p on get the next tracking state Y^T m' = R^-T (F + t B)
-# by a triangular solve with the p x p right-hand side instead of the product Y^T m' (on one
-# CPU thread: 2.1 against 3.1 ms for 512 x 512, 13.4 against 21.7 for 1024 x 1024, even at
-# 256 x 256, slower below).
-TRACK_BY_SOLVE_FROM = 256
+# Points with n < 4p from this p on get the next tracking state Y^T m' = R^-T (F + t B) by a
+# triangular solve with the p x p right-hand side instead of the product Y^T m' (on one CPU
+# thread, with the solve for Y: 256 x 256 in 0.29 against 0.39 ms, 20 x 128 x 128 in 1.05
+# against 1.15, even at 64, slower below: 200 x 16 x 16 0.14 against 0.12).
+TRACK_BY_SOLVE_FROM = 64
 # Newton retraction: S = W^T W with delta = ||S - I||_F; above this S is scaled by 1 / (1 + delta).
 _NEWTON_SCALE_ABOVE = 0.9
 
@@ -474,7 +474,7 @@ def _fused_momentum_step_in_place(
     gram, t_points = _limited_gram(moment, t_points, _gram_target(work, x))
     upper = cholesky_upper(gram, workspace=work)
     # exactly x where t = 0; near-square W is formed in x and solved in place (no copy of W)
-    w = x.addcmul_(m, t_points) if n < 2 * p else torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))
+    w = x.addcmul_(m, t_points) if n < 4 * p else torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))
     # the next tracking state is a scratch buffer: where the step is not ok the caller keeps
     # the old one (tracking_used)
     _, next_tracking = _orthonormalize_and_track(upper, w, m, h, h2, b, moment, t_points, x, work)
@@ -568,24 +568,25 @@ def _orthonormalize_and_track(
     out: Tensor | None,
     work: Workspace,
 ) -> tuple[Tensor, Tensor]:
-    r""":math:`Y = W R^{-1}` (into ``out``) and the next tracking state :math:`Y^\top m' =
-    R^{-\top} W^\top m' = R^{-\top}(F + tB)`, :math:`F = b\,\mathrm{skew}(H)` (formed in
-    ``h``'s place), for the fused steps. Tall ``W`` (``n >= 2p``): one inverse serves both
-    (products only). Near-square: LAPACK's solve for ``Y``, and the tracking state by a
-    triangular solve with the ``p x p`` right-hand side from ``TRACK_BY_SOLVE_FROM`` on, by
-    the product :math:`Y^\top m'` below it (``p x p`` products cost ``n x p`` ones there)."""
+    r""":math:`Y = W R^{-1}` (into ``out``, which may be ``w``) and the next tracking state
+    :math:`Y^\top m' = R^{-\top} W^\top m' = R^{-\top}(F + tB)`, :math:`F = b\,\mathrm{skew}(H)`
+    (formed in ``h``'s place), for the fused steps. Tall ``W`` (``n >= 4p``, where
+    :func:`divide_upper` multiplies by the inverse): one inverse serves both (products only).
+    Otherwise LAPACK's solve for ``Y``, and the tracking state by a triangular solve with the
+    ``p x p`` right-hand side (in place) from ``TRACK_BY_SOLVE_FROM`` on, by the product
+    :math:`Y^\top m'` below it. On one CPU thread, both: 20 x 256 x 128 in 1.6 against 2.4 ms
+    by the inverse and 2.2 by the product, 2048 x 1024 in 22 against 46 and 42 ms."""
     n, p = w.shape[-2:]
-    tracking_out = _square_scratch(work, w, "stiefel_tracking")
-    if n < 2 * p:
+    if n < 4 * p:
         y = divide_upper(upper, w, out=out)
         if p < TRACK_BY_SOLVE_FROM:
-            return y, product(y.mH, m, out=tracking_out)
+            return y, product(y.mH, m, out=_square_scratch(work, w, "stiefel_tracking"))
         rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t)
-        return y, torch.linalg.solve_triangular(upper.mH, rhs, upper=False, out=tracking_out)
+        return y, torch.linalg.solve_triangular(upper.mH, rhs, upper=False, out=rhs)
     inverse = invert_upper(upper, out=_square_scratch(work, w, "stiefel_inverse"))
     y = product(w, inverse, out=out)
     rhs = h.add_(h2, alpha=-0.5).mul_(b).addcmul_(moment, t)
-    return y, product(inverse.mH, rhs, out=tracking_out)
+    return y, product(inverse.mH, rhs, out=_square_scratch(work, w, "stiefel_tracking"))
 
 
 def _squared_norms(a: Tensor) -> Tensor:

@@ -429,7 +429,7 @@ def _fused_momentum_step_in_place(
     ratio = a / b
     if tracked:
         e = tracking if tracking is not None else x.mH @ m
-        h = product(x.mH, g, out=small("stiefel_h")).add_(e, alpha=ratio)  # H = X^T g + (a/b) E
+        h = subtract_product(e, x.mH, g, alpha=-1.0, beta=ratio, out=small("stiefel_h"))  # H = X^T g + (a/b) E
         h2 = add_adjoint(h, out=small("stiefel_h2"))
         delta = subtract_product(g, x, h2, alpha=0.5, out=work.like("direction", x))  # Delta~
         delta_sq = _squared_norms(delta)

@@ -705,8 +705,10 @@ def primitives_table(settings: Settings) -> str:
         "(ms)): LAPACK's `torch.linalg.solve_triangular(R, W, upper=True, left=False)` against a product with "
         "the explicit inverse (`W @ invert_upper(R)`, what the library does for tall W, n ≥ 4p), with R the upper "
         "Cholesky factor of a well-conditioned SPD p×p matrix; `torch.linalg.cholesky_ex` of that matrix and "
-        "the library's `cholesky_upper` (the same factor; p a multiple of 64 is factored inside diag(G, I) "
-        "of size p + 16, which spares torch's CPU kernel a cache-thrashing power-of-two stride); and "
+        "the library's `cholesky_upper` (the same factor, computed as the adjoint of the lower one: torch's CPU "
+        "kernel copies its input through a strided triangle loop, faster for the lower triangle; p a multiple of "
+        "64 is factored inside diag(G, I) of size p + 16, which spares that loop a cache-thrashing power-of-two "
+        "stride); and "
         "Householder QR (`torch.linalg.qr(W)`, what geoopt's EuclideanStiefel retraction costs). `× faster than "
         "the solve` > 1 means the explicit inverse is faster; `max abs difference` compares the two.\n\n"
         + markdown_table(rows)

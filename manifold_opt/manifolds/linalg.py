@@ -224,18 +224,18 @@ def cholesky_upper(gram: Tensor, *, workspace: Workspace | None = None) -> Tenso
     ``R`` is returned as :math:`L^\mathsf{H}` for the lower factor ``L``, column-major and
     contiguous as LAPACK writes it (``R`` itself is then row-major): torch's CPU
     ``cholesky_ex`` copies its input into a column-major result through a strided
-    triangle loop, which runs faster for the lower triangle (one thread: 512 x 512 inside
-    its padding 0.67 against 0.80 ms, 20 x 144 x 144 0.90 against 1.10 ms). Solve with it
-    by :func:`divide_upper` (a right solve with a row-major ``R`` runs 20 times slower in
-    LAPACK: it solves with ``L`` from the left instead) or with ``R.mH`` from the left.
+    triangle loop, which runs faster for the lower triangle. Solve with it by
+    :func:`divide_upper` (LAPACK's right solve with a row-major ``R`` is an order of
+    magnitude slower: it solves with ``L`` from the left instead) or with ``R.mH`` from
+    the left.
 
     On CPUs, a ``p x p`` matrix with ``p`` a multiple of 64 (from 128) is factored inside the
     ``(p + 16) x (p + 16)`` matrix ``diag(gram, I)``, whose factor is ``diag(L, I)``: at a
-    power-of-two stride that triangle loop thrashes the cache (one thread: 512 x 512
-    in 1.27 against 2.02 ms, 1024 x 1024 in 8.2 against 13 ms, ``python -m benchmarks
-    core_speed``, section 5). ``workspace`` lends the buffers (the factor is then one of
-    them); a Gram matrix written where :func:`cholesky_input` says is factored without
-    being copied.
+    power-of-two stride that triangle loop thrashes the cache. Both together, on one CPU
+    thread: 512 x 512 in 1.15 against 2.02 ms for ``cholesky_ex(upper=True)``, 1024 x 1024
+    in 7.3 against 13 ms (``python -m benchmarks core_speed``, section 5). ``workspace``
+    lends the buffers (the factor is then one of them); a Gram matrix written where
+    :func:`cholesky_input` says is factored without being copied.
     """
     p = gram.shape[-1]
     batch = gram.shape[:-2]

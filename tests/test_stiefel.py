@@ -10,7 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from manifold_opt import Stiefel
+from manifold_opt.manifolds.base import Workspace
 from manifold_opt.manifolds.linalg import (
+    cholesky_input,
+    cholesky_upper,
+    divide_upper,
+    invert_upper,
     newton_iterations_needed,
     newton_schulz,
     polar_eigh,
@@ -163,3 +168,50 @@ def test_fixed_cayley_iterations_err_by_a_power_of_the_step() -> None:
     u = u / u.norm()
     gaps = [float((two.retract(x, u, t) - exact.retract(x, u, t)).norm()) for t in (0.1, 0.01)]
     assert 0.5e-4 < gaps[1] / gaps[0] < 2e-4
+
+
+def test_cholesky_upper_keeps_its_padding_across_batch_sizes() -> None:
+    """p = 128 is factored inside diag(G, I): the padding is written when the workspace creates
+    the buffer and only leading blocks later, so factors of any batch size, one after the
+    other (the buffer grows and is shared), and of Gram matrices written where
+    cholesky_input says (no copy), are the factors."""
+    work = Workspace()
+    gen = generator(7)
+    for batch in (3, 1, 5, 3, 1):
+        a = torch.randn(batch, 300, 128, generator=gen, dtype=F64)
+        gram = a.mT @ a
+        for in_place in (False, True):
+            target = cholesky_input(gram.shape, gram.dtype, gram.device, work) if in_place else None
+            if in_place:
+                assert target is not None  # the padded path is exercised
+            r = cholesky_upper(gram if target is None else target.copy_(gram), workspace=work)
+            torch.testing.assert_close(r, torch.linalg.cholesky(gram, upper=True))
+    not_definite = -torch.eye(128, dtype=F64).expand(2, 128, 128)
+    assert cholesky_upper(not_definite, workspace=work).isnan().all()
+
+
+@pytest.mark.parametrize("shape", [(2, 30, 10), (2, 12, 10), (1, 50, 10), (2, 256, 128)])
+@pytest.mark.parametrize("dtype", [F64, torch.complex128], ids=str)
+def test_divide_upper_solves_with_the_factor_cholesky_upper_returns(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """cholesky_upper returns R = L^H, row-major; divide_upper (from the left, or by the explicit
+    inverse for n >= 4p), invert_upper and, for n < 4p, a solve in place all give W R^-1."""
+    w = torch.randn(shape, generator=generator(8), dtype=dtype)
+    gram = w.mH @ w
+    r = cholesky_upper(gram)
+    expected = torch.linalg.solve_triangular(torch.linalg.cholesky(gram, upper=True), w, upper=True, left=False)
+    torch.testing.assert_close(divide_upper(r, w), expected)
+    torch.testing.assert_close(w @ invert_upper(r), expected)
+    if shape[-2] < 4 * shape[-1]:
+        own = w.clone()
+        assert divide_upper(r, own, out=own).data_ptr() == own.data_ptr()
+        torch.testing.assert_close(own, expected)
+
+
+def test_workspace_buffers_keep_the_layout_of_a_transposed_tensor() -> None:
+    """The tall view of a wide point gets scratch in its own layout (mixed layouts make
+    elementwise passes several times slower)."""
+    work = Workspace()
+    tall_view = torch.empty(3, 5, 8).mT
+    buffer = work.like("scratch", tall_view)
+    assert buffer.shape == tall_view.shape and buffer.stride() == tall_view.stride()
+    assert work.like("scratch", torch.empty(3, 8, 5)).is_contiguous()

@@ -19,6 +19,8 @@ POINTS = {
     "stiefel-tall": (Stiefel(), (40, 6)),
     "stiefel-wide": (Stiefel(), (6, 40)),
     "stiefel-near-square": (Stiefel(), (12, 10)),
+    "stiefel-twice-as-tall": (Stiefel(), (24, 10)),  # 2p <= n < 4p: two triangular solves
+    "stiefel-batch-padded": (Stiefel(batch_dims=1), (2, 256, 128)),  # p = 128: a padded Cholesky
     "stiefel-square-large": (Stiefel(), (256, 256)),  # the tracking state by a triangular solve
     "stiefel-batch": (Stiefel(batch_dims=1), (3, 20, 4)),
     "stiefel-polar": (Stiefel(retraction="polar"), (20, 4)),

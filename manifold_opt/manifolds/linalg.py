@@ -9,7 +9,7 @@ reads "Hermitian" and "orthonormal" reads "unitary" for complex input.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -242,22 +242,19 @@ def cholesky_upper(gram: Tensor, *, workspace: Workspace | None = None) -> Tenso
     if not _pads(p, gram.device):
         lower, info = torch.linalg.cholesky_ex(gram, upper=False)
     else:
-
-        def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            buffer = None if workspace is None else workspace.empty(name, shape, dtype, gram.device)
-            return torch.empty(shape, dtype=dtype, device=gram.device) if buffer is None else buffer
-
-        padded = _padded(batch, p, gram.dtype, gram.device, workspace)
+        dtype, device = gram.dtype, gram.device
+        padded = _padded(batch, p, dtype, device, workspace)
         block = padded[..., :p, :p]
         if not _is_view(gram, block):
             block.copy_(gram)
         q = p + CHOLESKY_PAD
-        factor = scratch("cholesky_factor", (*batch, q, q), gram.dtype).mT  # column-major, as LAPACK writes
-        factor, info = torch.linalg.cholesky_ex(
-            padded, upper=False, out=(factor, scratch("cholesky_info", batch, torch.int32))
-        )
+        factor = _buffer(
+            workspace, "cholesky_factor", (*batch, q, q), dtype, device
+        ).mT  # column-major, as LAPACK writes
+        info = _buffer(workspace, "cholesky_info", batch, torch.int32, device)
+        factor, info = torch.linalg.cholesky_ex(padded, upper=False, out=(factor, info))
         # the leading block, copied row by row of its transpose (no transposing copy)
-        lower = scratch("cholesky_lower", (*batch, p, p), gram.dtype).copy_(factor.mT[..., :p, :p]).mT
+        lower = _buffer(workspace, "cholesky_lower", (*batch, p, p), dtype, device).copy_(factor.mT[..., :p, :p]).mT
     poison = torch.where(info == 0, 1.0, torch.nan).to(lower.dtype)
     return lower.mul_(poison[..., None, None]).mH
 
@@ -294,11 +291,25 @@ def _padded(
         buffer.zero_().diagonal(dim1=-2, dim2=-1)[..., p:] = 1
 
     q = p + CHOLESKY_PAD
-    shape = (*batch, q, q)
-    buffer = None if workspace is None else workspace.empty(f"cholesky_padded_{p}", shape, dtype, device, on_create=pad)
+    return _buffer(workspace, f"cholesky_padded_{p}", (*batch, q, q), dtype, device, on_create=pad)
+
+
+def _buffer(
+    workspace: Workspace | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    on_create: Callable[[Tensor], object] | None = None,
+) -> Tensor:
+    """The workspace's buffer (see ``Workspace.empty``), or a fresh one (``on_create`` applied)
+    without an enabled workspace."""
+    buffer = None if workspace is None else workspace.empty(name, shape, dtype, device, on_create=on_create)
     if buffer is None:
         buffer = torch.empty(shape, dtype=dtype, device=device)
-        pad(buffer)
+        if on_create is not None:
+            on_create(buffer)
     return buffer
 
 

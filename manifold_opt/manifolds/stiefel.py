@@ -166,9 +166,7 @@ class Stiefel(EmbeddedManifold):
         if self.retraction == "cayley":
             return _cayley(x, u if _is_one(t) else u * t, self.iterations)
         work = workspace if workspace is not None else Workspace()
-        t = _pre_limit(_step_sizes(t, x), _squared_norms(u), x.shape[-1])
-        w = torch.addcmul(x, u, t, out=work.like("stiefel_step", x))
-        w, gram = limit_step(x, w, product(w.mH, w, out=_square_scratch(work, x, "stiefel_gram")))
+        w, gram = _limited_step(x, u, _step_sizes(t, x), _squared_norms(u), work)
         if self.retraction == "qr":
             return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x), workspace=work)
         if self.retraction == "polar":
@@ -358,12 +356,9 @@ def _fused_momentum_step(
     if m is not None:
         m_new.add_(m, alpha=a)
     t_points = _step_sizes(step_size(norm_sq), x).reshape(-1, 1, 1)
-    w = work.like("stiefel_step", x)
     used = torch.zeros_like(a_g) if e is None else e
     if refresh:
-        t_points = _pre_limit(t_points, _squared_norms(m_new), x.shape[-1])
-        w = torch.addcmul(x, m_new, t_points, out=w)
-        w, gram = limit_step(x, w, w.mH @ w)
+        w, gram = _limited_step(x, m_new, t_points, _squared_norms(m_new), work)
         upper = cholesky_upper(gram, workspace=work)
         y = divide_upper(upper, w, out=work.like("stiefel_point", x))
         # finite |r|^2 (from |Delta~|^2): finite Delta~, hence m'; finite factor: finite Y
@@ -371,7 +366,7 @@ def _fused_momentum_step(
         return MomentumStep(y, m_new, norm_sq, None, used, finite)
     moment = m_new.mH @ m_new  # B
     gram, t_points = _limited_gram(moment, t_points, _gram_target(work, x))  # I + t^2 B
-    w = torch.addcmul(x, m_new, t_points, out=w)
+    w = torch.addcmul(x, m_new, t_points, out=work.like("stiefel_step", x))
     upper = cholesky_upper(gram, workspace=work)
     y, next_tracking = _orthonormalize_and_track(
         upper, w, m_new, h, h2, b, moment, t_points, work.like("stiefel_point", x), work
@@ -460,11 +455,9 @@ def _fused_momentum_step_in_place(
     # a step not taken: t = 0, so W = X, the Gram matrix is I exactly, its factor I, and Y = X
     t_points = torch.where(ok, t_points, 0.0)
     if refresh or not tracked:  # the Gram matrix of W itself (re-orthonormalizes)
-        t_points = _pre_limit(t_points, delta_sq if not tracked else _squared_norms(m), p)
-        w = torch.addcmul(x, m, t_points, out=work.like("stiefel_step", x))
         # near-square: W (limited) into x, then LAPACK's solve in place (no copy of W into x)
-        solve_in_place = n < 4 * p
-        w, gram = limit_step(x, w, product(w.mH, w, out=small("stiefel_gram")), out=x if solve_in_place else None)
+        squared_norm = delta_sq if not tracked else _squared_norms(m)
+        w, gram = _limited_step(x, m, t_points, squared_norm, work, out=x if n < 4 * p else None)
         gram = torch.mul(gram, ok, out=_gram_target(work, x, gram))
         gram.diagonal(dim1=-2, dim2=-1).add_(~ok)  # exactly I where not ok
         divide_upper(cholesky_upper(gram, workspace=work), w, out=x)
@@ -501,6 +494,18 @@ def _shorten(t: Tensor, cap: Tensor) -> Tensor:
     that could overflow; a ``cap`` of ``inf``, from a zero norm, or NaN, from a non-finite one,
     leaves ``t`` as it is)."""
     return torch.fmin(t.abs(), cap).copysign(t)
+
+
+def _limited_step(
+    x: Tensor, u: Tensor, t: Tensor, squared_norm: Tensor, work: Workspace, *, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""``W = X + t u`` shortened to the limit (:func:`_pre_limit`, then :func:`limit_step`) and
+    its Gram matrix formed from ``W`` itself (re-orthonormalizes ``X``): the step of every
+    path that does not know the Gram matrix in closed form. ``squared_norm``:
+    :math:`\|u\|_F^2` per point; ``out`` as for :func:`limit_step`."""
+    t = _pre_limit(t, squared_norm, x.shape[-1])
+    w = torch.addcmul(x, u, t, out=work.like("stiefel_step", x))
+    return limit_step(x, w, product(w.mH, w, out=_square_scratch(work, x, "stiefel_gram")), out=out)
 
 
 def _pre_limit(t: Tensor, squared_norm: Tensor, p: int) -> Tensor:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DOCS_STAMP := $(VENV)/.docs-stamp
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test lint bench docs wheel-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 
 docs: $(DOCS_STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
+
+# The wheel as a user gets it: `pip wheel . --no-deps`, its contents (py.typed, LICENSE,
+# no tests or benchmarks), installed with only torch and numpy into a throwaway venv, a
+# few optimizer steps there (.ci/wheel_check.py).
+wheel-check: $(STAMP)
+	$(PY) .ci/wheel_check.py
 
 clean:
 	rm -rf $(VENV)

@@ -21,6 +21,25 @@ Conventions for writing the blocks:
   pages of ``docs/api/`` that hold only mkdocstrings directives (``::: name``); their
   docstrings' examples run as the package's doctests.
 
+Every block runs alone, or says which block it continues. A reader copies one block, so
+each block that runs is also run alone, in a fresh namespace (:func:`test_code_block_alone`):
+it has its own imports and data. A block that needs the names of another block of its page
+says so in its first line (after ``>>>`` in a doctest), with one of these markers:
+
+* ``# continues the block above``: the block right above it (which may itself continue
+  another) runs first;
+* ``# continues the first block of this page``: the page's first block (typically its
+  imports) runs first;
+* ``# continues the blocks above``: every block above it on the page runs first.
+
+The marker may go on with ``:`` and a note (``# continues the block above: w and b``). The
+alone test runs just the blocks the marker names, then the block, so a marker has to be
+enough. A block marked ``# doc: no-run`` is only compiled and needs no marker.
+
+``README.md``'s ``make test`` paragraph states no number of tests or duration
+(:func:`test_readme_states_no_test_count`): pytest prints both, and a number in the text
+goes stale as tests are added.
+
 A block that is known to fail and cannot be fixed here is listed in
 :data:`KNOWN_FAILURES` with the reason; it is a strict xfail, so the entry has to go once
 the block runs.
@@ -42,6 +61,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_RUN = "# doc: no-run"
+# the markers of a block that continues another (see the module's docstring), and what runs first
+CONTINUES = {
+    "# continues the block above": "above",
+    "# continues the first block of this page": "first",
+    "# continues the blocks above": "all",
+}
+_CONTINUES = re.compile(r"^# continues the (?:block above|first block of this page|blocks above)(?=$|:)")
 LANGUAGES = {"python", "py", "python3", "pycon"}
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`]*?)[ \t]*$")
 
@@ -62,6 +88,13 @@ class Block:
     @property
     def no_run(self) -> bool:
         return self.first_line.removeprefix(">>>").strip() == NO_RUN
+
+    @property
+    def continues(self) -> str | None:
+        """What the block continues (``above``, ``first``, ``all``), from its first line's marker."""
+        line = self.first_line.removeprefix(">>>").strip()
+        marker = _CONTINUES.match(line)
+        return CONTINUES[marker[0]] if marker else None
 
     @property
     def is_doctest(self) -> bool:
@@ -175,17 +208,7 @@ _RUNS: dict[str, FileRun] = {}
 
 def file_run(path: str) -> FileRun:
     if path not in _RUNS:
-        name = "docs_block_" + re.sub(r"\W", "_", path)
-        module = types.ModuleType(name)
-        module.__file__ = str(ROOT / path)
-        sys.modules[name] = module  # classes defined in a block pickle and deepcopy
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - the package needs torch
-            pass
-        else:
-            torch.manual_seed(0)
-        _RUNS[path] = FileRun(module)
+        _RUNS[path] = FileRun(fresh_module(path, "page"))  # classes defined in a block pickle
     return _RUNS[path]
 
 
@@ -233,6 +256,82 @@ def test_blocks_are_collected() -> None:
     assert any(path.startswith("docs/") for path in paths)
     for path, line in KNOWN_FAILURES:  # an entry whose block was edited away must go too
         assert any(has_line(block, path, line) for block in BLOCKS), (path, line)
+
+
+def fresh_module(path: str, label: str) -> types.ModuleType:
+    """A new module for blocks of ``path`` (registered, so that their classes pickle), seed 0."""
+    name = f"docs_block_{label}_" + re.sub(r"\W", "_", path)
+    module = types.ModuleType(name)
+    module.__file__ = str(ROOT / path)
+    sys.modules[name] = module
+    import torch
+
+    torch.manual_seed(0)
+    return module
+
+
+def prerequisites(block: Block) -> list[Block]:
+    """The blocks that run before ``block`` when it runs alone, in order: what its marker names."""
+    page = [other for other in BLOCKS if other.path == block.path]
+    index = page.index(block)
+    if block.continues is None:
+        return []
+    assert index > 0, f"{block.id}: the first block of a page continues nothing ({block.first_line!r})"
+    if block.continues == "all":
+        return page[:index]
+    target = page[index - 1] if block.continues == "above" else page[0]
+    return [*prerequisites(target), target]
+
+
+def test_continuation_markers_are_known() -> None:
+    """A first line that starts like a marker is one of the markers (a typo runs nothing)."""
+    for block in BLOCKS:
+        line = block.first_line.removeprefix(">>>").strip()
+        if line.lower().startswith("# continue"):
+            assert block.continues is not None, (
+                f"{block.id}: {line!r} is not one of the markers {sorted(CONTINUES)} (then ':' and a note)"
+            )
+            assert block.source.split("\n", 1)[0].strip().removeprefix(">>>").strip() == line
+
+
+def alone_params() -> list:
+    return [param for param in block_params() if not param.values[0].no_run]
+
+
+@pytest.mark.parametrize("block", alone_params())
+def test_code_block_alone(block: Block) -> None:
+    """The block runs in a fresh namespace, after only the blocks its marker names (if any)."""
+    namespace = fresh_module(block.path, f"alone_{block.line}").__dict__
+    for earlier in prerequisites(block):
+        try:
+            run_block(earlier, namespace)
+        except Exception as error:
+            pytest.fail(f"the block {earlier.id}, which {block.id} continues, failed:\n{error!r}", pytrace=False)
+    try:
+        run_block(block, namespace)
+    except Exception as error:
+        message = describe_failure(block, error, [])
+        if block.continues is None:
+            message += (
+                "Run alone, in a fresh namespace, the block fails: give it its own imports and data, or "
+                "start it with a marker that says which block it continues, e.g. '# continues the block "
+                "above' (see the docstring of tests/test_docs_code_blocks.py).\n"
+            )
+        else:
+            message += f"Its marker {block.first_line!r} does not name every block it needs.\n"
+        pytest.fail(message, pytrace=False)
+
+
+def test_readme_states_no_test_count() -> None:
+    """The README's ``make test`` paragraph gives no number of tests or duration (they go stale)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraphs = [part for part in re.split(r"\n\s*\n", text) if "`make test` runs" in part]
+    assert paragraphs, "README.md has no paragraph on what `make test` runs"
+    for paragraph in paragraphs:
+        stale = re.findall(
+            r"\b\d[\d,]*\s+tests\b|\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten)\s+minutes\b", paragraph
+        )
+        assert not stale, f"README.md's `make test` paragraph states {stale}: pytest prints the count and the time"
 
 
 @pytest.mark.parametrize("block", block_params())

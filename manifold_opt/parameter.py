@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .manifolds import Euclidean, Manifold, is_geoopt_manifold
+from .manifolds import Euclidean, GeooptManifold, Manifold, from_geoopt, is_geoopt_manifold
 
 
 class ManifoldParameter(torch.nn.Parameter):
@@ -33,9 +33,18 @@ class ManifoldParameter(torch.nn.Parameter):
     Should anything else replace it by a plain ``nn.Parameter``, the next optimizer step
     raises rather than step it without its manifold.
 
+    A geoopt manifold is accepted too (the optimizers step it as geoopt does), and its data is
+    projected at construction as well: by this package's batched projection for the geoopt
+    manifolds that map onto a native one (``Euclidean``, ``Sphere``, ``SphereExact``,
+    ``EuclideanStiefel``), by the manifold's own ``projx`` for the others. geoopt's names
+    work: ``ManifoldParameter(data, manifold=...)``, ``proj_()``, and without ``manifold``
+    the one ``data`` carries (a ``ManifoldParameter``'s, geoopt's ``ManifoldTensor``'s, or
+    that of a point drawn by ``manifold.random(...)``).
+
     Args:
         data: initial value, in the parameter layout (e.g. a conv kernel).
-        manifold: a :class:`~manifold_opt.manifolds.Manifold` (default :class:`Euclidean`).
+        manifold: a :class:`~manifold_opt.manifolds.Manifold` or a geoopt manifold (default:
+            the ``.manifold`` that ``data`` carries, else :class:`Euclidean`).
         requires_grad: as for ``nn.Parameter``.
 
     Raises:
@@ -58,7 +67,8 @@ class ManifoldParameter(torch.nn.Parameter):
         cls, data: Tensor | None = None, manifold: Manifold | None = None, requires_grad: bool = True
     ) -> ManifoldParameter:
         if manifold is None:
-            manifold = Euclidean()
+            carried = getattr(data, "manifold", None)
+            manifold = carried if isinstance(carried, Manifold) or is_geoopt_manifold(carried) else Euclidean()
         check_manifold_argument(manifold, "manifold")
         if data is None:
             data = torch.empty(0)
@@ -66,6 +76,8 @@ class ManifoldParameter(torch.nn.Parameter):
             data = torch.as_tensor(data).detach()
             if isinstance(manifold, Manifold):
                 data = _project_checked(data, manifold)
+            elif data.numel() > 0:
+                data = _project_geoopt(data, manifold)
         instance = torch.Tensor._make_subclass(cls, data, requires_grad)
         instance.manifold = manifold
         return instance
@@ -140,6 +152,19 @@ class ManifoldParameter(torch.nn.Parameter):
                     torch.Tensor.copy_(self, projected)
         return out
 
+    def proj_(self) -> ManifoldParameter:
+        """geoopt's ``proj_``: project the data onto the manifold in place (in the parameter
+        layout, as the constructor does) and return the parameter itself."""
+        with torch.no_grad():
+            data = torch.Tensor.detach(self)
+            if isinstance(self.manifold, Manifold):
+                projected = _project_checked(data, self.manifold)
+            else:
+                projected = _project_geoopt(data, self.manifold) if data.numel() > 0 else data
+            if projected.data_ptr() != data.data_ptr():
+                torch.Tensor.copy_(self, projected)
+        return self
+
     def __repr__(self) -> str:
         return f"ManifoldParameter on {self.manifold!r} containing:\n{torch.Tensor.__repr__(self.data)}"
 
@@ -188,6 +213,21 @@ def _project_checked(data: Tensor, manifold: Manifold) -> Tensor:
             f"projection); it is zero, rank-deficient or not finite: initialize it with a random full-rank tensor"
         )
     return projected.to(data.dtype)
+
+
+def _project_geoopt(data: Tensor, manifold: Any) -> Tensor:
+    """``data`` projected onto a geoopt manifold: by the native manifold it maps onto (checked as
+    :func:`_project_checked` does), else by geoopt's ``projx``."""
+    native = from_geoopt(manifold, data.dim())
+    if not isinstance(native, GeooptManifold):
+        return _project_checked(data, native)
+    if not (data.is_floating_point() or data.is_complex()):
+        raise ValueError(f"a ManifoldParameter needs floating-point or complex data, got dtype {data.dtype}")
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError(
+            f"data of shape {tuple(data.shape)} for a ManifoldParameter on {manifold!r} has NaN or Inf entries"
+        )
+    return torch.as_tensor(manifold.projx(data)).detach().to(data.dtype)
 
 
 def load_tolerance(dtype: torch.dtype) -> float:

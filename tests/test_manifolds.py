@@ -7,6 +7,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from manifold_opt import PSI, ConditionedSpectrum
 from manifold_opt.checks import check_gradient, check_retraction
 from manifold_opt.manifolds.linalg import real_dtype, real_product
 
@@ -184,3 +185,51 @@ def test_inner_product_is_symmetric_and_positive(case: Case, data: st.DataObject
     torch.testing.assert_close(inner(x, u, v), inner(x, v, u))
     assert (inner(x, u, u) >= 0).all()
     assert inner(x, u, v).dim() == x.dim()  # kept dims broadcast against x
+
+
+# ---------------------------------------------------------------- off-manifold points
+# Retractions that put any full-rank point exactly on the manifold, whatever the step.
+LANDS_EXACTLY = {"sphere", "sphere-exp", "stiefel-qr", "stiefel-polar", "spectrum-kappa", "spectrum-band"}
+LANDS_EXACTLY |= {f"{name}-complex" for name in LANDS_EXACTLY}
+
+
+def off_manifold_point(case: Case, data: st.DataObject) -> torch.Tensor:
+    """A full-rank point off the manifold: a random point moved by a Gaussian of random size
+    (and scaled, for the spectrum band; a zero group, for PSI)."""
+    x, gen = draw_point(case, data)
+    level = data.draw(st.floats(0.01, 3.0), label="distance")
+    x = x + level * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    if isinstance(case.manifold, ConditionedSpectrum):
+        x = x * data.draw(st.floats(0.2, 4.0), label="scale")
+    if isinstance(case.manifold, PSI) and x.dim() >= 2:
+        x[..., 0, :] = 0  # a zero group: the one point PSI does not hold
+    if case.manifold.point_ndim == 2 and x.numel():
+        assume(float(torch.linalg.cond(x).max()) < 1e3)  # full rank, not nearly deficient
+    return x
+
+
+@pytest.mark.parametrize("case", EXACT, ids=str)
+@given(data=st.data(), length=st.one_of(st.just(0.0), st.floats(1e-4, 3.0)))
+def test_no_retraction_takes_an_off_manifold_point_farther(case: Case, data: st.DataObject, length: float) -> None:
+    """From a point off the manifold, a step lands no farther from it than the point was
+    (``distance_to_manifold``, up to rounding), and exactly on it for the retractions that
+    promise that (``"qr"``, the default, and ``"polar"`` of Stiefel; the sphere; the SVD
+    projection of the spectrum set): the optimizers' steps can only repair a point.
+
+    Every retraction with its default options; fixed iteration counts (``iterations=k`` of
+    ``"cayley"`` and ``"newton"``) approximate their maps and are left to the optimizers'
+    drift check, which re-projects the points they leave off the manifold."""
+    x = off_manifold_point(case, data)
+    gen = generator(data.draw(seeds, label="step seed"))
+    g = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    u = case.manifold.project_tangent(x, g)
+    norm = torch.linalg.vector_norm(u)
+    if isinstance(case.manifold, ConditionedSpectrum) and case.manifold.retraction == "newton":
+        length = min(length, 0.0)  # an approximate clip: only the point's own violation shrinks
+    u = u * (length / norm) if float(norm) > 0 else u
+    before = case.manifold.distance_to_manifold(x)
+    after = case.manifold.distance_to_manifold(case.manifold.retract(x, u, 1.0))
+    if case.id in LANDS_EXACTLY:
+        assert float(after.max()) < 1e-9, (float(before.max()), float(after.max()))
+    else:
+        assert bool((after <= before * (1 + 1e-9) + 1e-11).all()), (before, after)

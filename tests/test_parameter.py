@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,24 @@ def test_pickled_parameters_load_with_weights_only() -> None:
     loaded = torch.load(buffer, weights_only=True)
     assert type(loaded["conv.weight"]) is ManifoldParameter
     assert loaded["fc.weight"].manifold == Sphere(batch_dims=1)
+
+
+def test_data_on_a_geoopt_manifold_is_projected_at_construction() -> None:
+    """``ManifoldParameter(torch.randn(8, 4), geoopt.EuclideanStiefel())`` used to keep the data
+    as it was (16 off the manifold), against "projected at construction": geoopt manifolds
+    with a native counterpart are projected by it, the others by their own ``projx``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import geoopt
+
+    torch.manual_seed(0)
+    stiefel = ManifoldParameter(torch.randn(8, 4), geoopt.EuclideanStiefel())
+    assert isinstance(stiefel.manifold, geoopt.EuclideanStiefel)
+    assert float((stiefel.detach().T @ stiefel.detach() - torch.eye(4)).abs().max()) < 1e-5
+    rows = ManifoldParameter(3 * torch.randn(5, 6, dtype=torch.float64), geoopt.Sphere())
+    torch.testing.assert_close(rows.detach().norm(dim=-1), torch.ones(5, dtype=torch.float64))
+    spd = ManifoldParameter(torch.randn(3, 3, dtype=torch.float64), geoopt.SymmetricPositiveDefinite())
+    torch.testing.assert_close(spd.detach(), spd.detach().mT)
+    assert bool((torch.linalg.eigvalsh(spd.detach()) > 0).all())
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ManifoldParameter(torch.full((4, 2), float("nan")), geoopt.EuclideanStiefel())

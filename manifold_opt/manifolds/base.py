@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .geoopt_names import GeooptNames
 from .linalg import real_product
 
 # A step size: one number, or one per point (a tensor that broadcasts against the points,
@@ -131,14 +132,32 @@ def combine(v: Tensor, a: float, g: Tensor, b: float, *, out: Tensor | None = No
     return torch.mul(g, b, out=out).add_(v, alpha=a)
 
 
+def recording(*tensors: Any) -> bool:
+    """Whether autograd records an operation on these tensors (grad mode on and one of them
+    requires grad): the geometry then takes its out-free, differentiable paths. Under
+    ``torch.no_grad`` (the optimizers' steps) it is False at the cost of one call."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in tensors)
+
+
+def keep_or_drop(value: Tensor, point_ndim: int, keepdim: bool) -> Tensor:
+    """A per-point number with its point dimensions kept as singletons (``keepdim``) or dropped."""
+    if keepdim or point_ndim == 0:
+        return value
+    return value.reshape(value.shape[: value.dim() - point_ndim])
+
+
 def into(out: Tensor | None, result: Tensor) -> Tensor:
     """``result``, copied into ``out`` when one is given (for methods with no in-place form)."""
     return result if out is None else out.copy_(result)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Manifold(ABC):
+class Manifold(GeooptNames, ABC):
     """Base class of all manifolds.
+
+    Every manifold also answers to geoopt's method names (``projx``, ``proju``,
+    ``egrad2rgrad``, ``retr``, ``expmap``, ``transp``, ``random``, ...), aliases of the
+    methods below: see :class:`~manifold_opt.manifolds.geoopt_names.GeooptNames`.
 
     Args:
         batch_dims: how many leading dimensions of a parameter index independent points.
@@ -353,9 +372,10 @@ class Manifold(ABC):
         return y, self.transport(x, y, v)
 
     @abstractmethod
-    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
         """Riemannian metric, summed over each point and kept as singleton dims (``(..., 1, 1)``
-        for matrices) so that it broadcasts against ``x``."""
+        for matrices) so that it broadcasts against ``x``; ``keepdim=False`` drops them (the
+        default of geoopt's ``inner``). ``v`` defaults to ``u`` (the squared norm)."""
 
     @abstractmethod
     def distance_to_manifold(self, x: Tensor) -> Tensor:
@@ -420,8 +440,9 @@ class EmbeddedManifold(Manifold):
     ) -> Tensor:
         return self.project_tangent(x, combine(v, a, g, b, out=out), out=out)
 
-    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return self._sum_point_dims(real_product(u, v))
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
+        value = self._sum_point_dims(real_product(u, u if v is None else v))
+        return keep_or_drop(value, self.point_ndim, keepdim)
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -60,8 +60,8 @@ class Euclidean(Manifold):
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return v
 
-    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return real_product(u, v)
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
+        return real_product(u, u if v is None else v)  # every coordinate is a point: nothing to keep
 
     @property
     def supports_complex(self) -> bool:

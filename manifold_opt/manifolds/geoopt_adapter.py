@@ -8,6 +8,7 @@ canonical Stiefel, products, ...) is stepped through geoopt's own methods by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,8 +96,18 @@ class GeooptManifold(Manifold):
     ) -> tuple[Tensor, Tensor]:
         return self.manifold.retr_transp(x, u * t, v)
 
-    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return self.manifold.inner(x, u, v, keepdim=True)
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
+        """geoopt's ``inner``, with the point dimensions kept as singletons (``keepdim``) whatever
+        geoopt's own ``keepdim`` keeps: geoopt's Siegel manifolds (``UpperHalf``,
+        ``BoundedDomain``) keep one dimension for their ``n x n`` points, ``(..., 1)``, which
+        does not broadcast against a batch of points (``(k, 1)`` against ``(k, n, n)``)."""
+        value = self.manifold.inner(x, u, v, keepdim=keepdim)
+        if keepdim and self.point_ndim > 0:
+            batch = tuple(x.shape[: x.dim() - self.point_ndim])
+            target = batch + (1,) * self.point_ndim
+            if tuple(value.shape) != target and value.numel() == math.prod(batch):
+                value = value.reshape(target)
+        return value
 
     @property
     def second_moment_layout(self) -> str:

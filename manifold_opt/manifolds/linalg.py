@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -134,10 +134,41 @@ def polar_from_gram(w: Tensor, gram: Tensor) -> Tensor:
     Shapes: ``w (..., n, p)``, ``gram (..., p, p)`` -> ``(..., n, p)``.
     """
     finite = torch.isfinite(gram).flatten(-2).all(-1)[..., None, None]
-    eigenvalues, vectors = torch.linalg.eigh(torch.where(finite, gram, identity_like(gram)))
-    inv_sqrt = eigenvalues.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
     poison = torch.where(finite, 1.0, torch.nan).to(gram.dtype)
-    return w @ (((vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mH) * poison)
+    safe = torch.where(finite, gram, identity_like(gram))
+    if torch.is_grad_enabled() and (safe.requires_grad or w.requires_grad):
+        return w @ (_InverseSqrt.apply(safe) * poison)
+    return w @ (_inverse_sqrt_eigh(safe)[0] * poison)
+
+
+def _inverse_sqrt_eigh(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:math:`G^{-1/2}` of a Hermitian positive definite ``gram`` by ``eigh``, with the square
+    roots of its eigenvalues and its eigenvectors."""
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues = eigenvalues.clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+    inv_sqrt = eigenvalues.rsqrt()
+    return (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.mH, eigenvalues.sqrt(), vectors
+
+
+class _InverseSqrt(torch.autograd.Function):
+    r""":math:`G^{-1/2}` with the derivative of the Daleckii–Krein formula,
+    :math:`V\,(D \circ V^\mathsf{H} E V)\,V^\mathsf{H}` with the divided differences
+    :math:`D_{ij} = -1/(r_i r_j (r_i + r_j))`, :math:`r = \sqrt\lambda`: finite for repeated
+    eigenvalues, where ``eigh``'s own derivative divides by :math:`\lambda_i - \lambda_j`
+    (the Gram matrix of a square Stiefel step has its eigenvalues in pairs)."""
+
+    @staticmethod
+    def forward(ctx: Any, gram: Tensor) -> Tensor:
+        result, roots, vectors = _inverse_sqrt_eigh(gram)
+        ctx.save_for_backward(roots, vectors)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        roots, vectors = ctx.saved_tensors
+        r_i, r_j = roots.unsqueeze(-1), roots.unsqueeze(-2)
+        divided = (-1.0 / (r_i * r_j * (r_i + r_j))).to(vectors.dtype)
+        return vectors @ (divided * (vectors.mH @ grad @ vectors)) @ vectors.mH
 
 
 def newton_schulz(y: Tensor, iterations: int) -> Tensor:

@@ -144,10 +144,11 @@ class PSI(Manifold):
         _, norm = unit_and_norm(x)
         return self.project_tangent(x, combine(v, a, norm * (norm * g), b), out=out)
 
-    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
         _, norm = unit_and_norm(x)
         norm = norm.clamp_min(torch.finfo(x.dtype).tiny)
-        return ((u / norm) * (v / norm)).sum(-1, keepdim=True)
+        v = u if v is None else v
+        return ((u / norm) * (v / norm)).sum(-1, keepdim=keepdim)
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:
         """0 for a nonzero finite group, 1 for a zero or non-finite one (which is no point of the quotient)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Manifold, StepSize, Workspace, add_step, check_iterations
+from .base import Manifold, StepSize, Workspace, add_step, check_iterations, keep_or_drop
 from .linalg import identity_like, newton_schulz, qr_positive
 
 SPECTRUM_RETRACTIONS = ("svd", "newton")
@@ -193,8 +193,8 @@ class ConditionedSpectrum(Manifold):
     def transport_is_projection(self) -> bool:
         return True
 
-    def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return self._sum_point_dims(u * v)
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
+        return keep_or_drop(self._sum_point_dims(u * (u if v is None else v)), 2, keepdim)
 
     def distance_to_manifold(self, x: Tensor) -> Tensor:
         r"""Relative band violation of every matrix; 0 inside the set.

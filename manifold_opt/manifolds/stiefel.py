@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, check_iterations, into
+from .base import EmbeddedManifold, MomentumStep, StepSize, Workspace, check_iterations, into, recording
 from .linalg import (
     add_adjoint,
     all_finite_small,
@@ -161,11 +161,28 @@ class Stiefel(EmbeddedManifold):
         return subtract_product(u, x, sym(x.mH @ u), out=out)
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
+        r"""The retraction (see the class docstring), in two forms that agree to rounding.
+
+        Called without a ``workspace`` (a direct call), or while autograd records (``x``, ``u``
+        or ``t`` requires grad, outside ``torch.no_grad``), it takes the **exact** form: no
+        ``out=`` arguments (it is differentiable), and no assumption that ``x`` lies on the
+        manifold: ``"qr"`` is the ``Q`` factor of a Householder QR of the (shortened) step
+        ``W`` and ``"polar"`` and ``"newton"`` work from the Gram matrix of ``W`` itself, so a
+        full-rank point off the manifold lands on it (``"newton"``: comes no farther from it).
+        The optimizers pass a ``workspace`` and get the **fast** form: Cholesky-QR into its
+        buffers, and the Gram matrix of a step shortened to the limit (steps with
+        :math:`\|t u\|_F > 3` only) updated in closed form, which assumes :math:`X^\top X = I`
+        (their points lie on the manifold, to rounding). ``"cayley"`` has one form: its
+        orthogonal transform keeps :math:`X^\top X` as it is, and the Newton–Schulz step that
+        follows is applied only where it brings the point closer to the manifold.
+        """
         if _is_wide(x):
             return self.retract(x.mT, u.mT, t, workspace=workspace).mT
         if self.retraction == "cayley":
             return _cayley(x, u if _is_one(t) else u * t, self.iterations)
-        work = workspace if workspace is not None else Workspace()
+        if workspace is None or recording(x, u, t):
+            return _retract_exact(self.retraction, x, u, t, self.iterations)
+        work = workspace
         w, gram = _limited_step(x, u, _step_sizes(t, x), _squared_norms(u), work)
         if self.retraction == "qr":
             return cholesky_orthonormalize(w, gram, out=work.like("stiefel_point", x), workspace=work)
@@ -505,7 +522,8 @@ def _limited_step(
     :math:`\|u\|_F^2` per point; ``out`` as for :func:`limit_step`."""
     t = _pre_limit(t, squared_norm, x.shape[-1])
     w = torch.addcmul(x, u, t, out=work.like("stiefel_step", x))
-    return limit_step(x, w, product(w.mH, w, out=_square_scratch(work, x, "stiefel_gram")), out=out)
+    gram = product(w.mH, w, out=_square_scratch(work, x, "stiefel_gram"))
+    return limit_step(x, w, gram, out=out, step_sq=t * t * squared_norm)
 
 
 def _pre_limit(t: Tensor, squared_norm: Tensor, p: int) -> Tensor:
@@ -599,7 +617,9 @@ def _squared_norms(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True).square()
 
 
-def limit_step(x: Tensor, w: Tensor, gram: Tensor, *, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def limit_step(
+    x: Tensor, w: Tensor, gram: Tensor, *, out: Tensor | None = None, step_sq: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Shorten the steps with :math:`\|u^\top u\|_F > 9` (``MAX_STEP = 3``), without a host read.
 
     ``w = x + u`` for a tangent ``u`` has the Gram matrix :math:`I + u^\top u`, so
@@ -609,13 +629,14 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor, *, out: Tensor | None = None)
     updated in place (a no-op for the others: ``lerp`` with weight 1 returns its end exactly);
     with ``out`` (``x`` itself may be given) the limited steps are written there instead of ``w``.
 
+    ``step_sq`` (:math:`\|t u\|_F^2` per point, ``(..., 1, 1)``) leaves the steps with
+    :math:`\|t u\|_F \le 3` as they are: their Schatten-4 norm is at most 3, so on the
+    manifold nothing changes, and off it (where ``gram - I`` also holds :math:`X^\top X - I`
+    and the closed form above does not hold) ``gram`` stays the Gram matrix of ``w``.
+
     Shapes: ``x, w (..., n, p)`` tall, ``gram (..., p, p)`` -> the same.
     """
-    # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + p without forming gram - I: its rounding
-    # error (about p eps) only matters far below the limit (81)
-    diagonal = gram.diagonal(dim1=-2, dim2=-1)
-    size2 = torch.linalg.matrix_norm(gram).square() - 2 * diagonal.real.sum(-1) + gram.shape[-1]
-    shrink2 = (MAX_STEP**2 / size2.clamp_min(0).sqrt()).clamp(max=1.0)  # NaN stays NaN
+    shrink2 = _limit_shrink2(gram, step_sq)
     s2 = shrink2[..., None, None]
     gram = gram.mul_(s2)  # (1 - s^2) I + s^2 gram, exactly gram when s = 1
     gram.diagonal(dim1=-2, dim2=-1).add_(1 - shrink2[..., None])
@@ -623,6 +644,50 @@ def limit_step(x: Tensor, w: Tensor, gram: Tensor, *, out: Tensor | None = None)
     if torch.compiler.is_compiling():
         return torch.lerp(x, w, weight), gram
     return torch.lerp(x, w, weight, out=w if out is None else out), gram
+
+
+def _limit_shrink2(gram: Tensor, step_sq: Tensor | None) -> Tensor:
+    r"""The squared shrink factor of :func:`limit_step` per point, ``(...)``: 1 for steps within
+    the limit (and, given ``step_sq``, for those with :math:`\|t u\|_F \le 3`), NaN for NaN."""
+    # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + p without forming gram - I: its rounding
+    # error (about p eps) only matters far below the limit (81)
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    size2 = torch.linalg.matrix_norm(gram).square() - 2 * diagonal.real.sum(-1) + gram.shape[-1]
+    # min(9 / sqrt(size2), 1) as 9 / sqrt(max(size2, 81)): the same numbers (NaN stays NaN),
+    # and a finite derivative where the limit is not reached (sqrt has none at 0)
+    shrink2 = MAX_STEP**2 / size2.clamp_min(MAX_STEP**4).sqrt()
+    if step_sq is not None:
+        shrink2 = torch.where(step_sq[..., 0, 0] <= MAX_STEP**2, 1.0, shrink2)
+    return shrink2
+
+
+def _retract_exact(retraction: str, x: Tensor, u: Tensor, t: StepSize, iterations: int | None) -> Tensor:
+    r"""The exact form of :meth:`Stiefel.retract` for tall ``x`` (``"qr"``, ``"polar"``, ``"newton"``):
+    out-free (differentiable), and correct for a point ``x`` off the manifold.
+
+    The step is shortened as in the fast form (:func:`_pre_limit`, then the limit of
+    :func:`limit_step` measured on the Gram matrix of ``W = X + t u``), by ``lerp`` out of
+    place; then ``"qr"`` takes the ``Q`` factor of ``W`` by Householder QR
+    (:func:`~manifold_opt.manifolds.linalg.qr_positive`, orthonormal to rounding for any ``W``),
+    and ``"polar"``/``"newton"`` the polar factor from the Gram matrix of the shortened ``W``
+    itself (one more product than the fast form). Norms whose derivative is undefined at 0
+    (a zero step) are guarded so that gradients stay finite there.
+    """
+    p = x.shape[-1]
+    t = _step_sizes(t, x)
+    norm = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True)  # derivative 0 at u = 0
+    safe = torch.where(norm > 0, norm, 1.0)
+    cap = torch.where(norm > 0, MAX_STEP * p**0.25 / safe, math.inf)
+    t = torch.where(torch.isfinite(norm), _shorten(t, cap), t)  # as _pre_limit
+    w = x + t.to(x.dtype) * u
+    shrink2 = _limit_shrink2(w.mH @ w, (t * norm).square())
+    w = torch.lerp(x, w, shrink2.sqrt()[..., None, None].to(x.dtype))
+    if retraction == "qr":
+        return qr_positive(w)
+    gram = w.mH @ w
+    if retraction == "polar":
+        return polar_from_gram(w, gram)
+    return _newton_polar(w, gram, iterations)
 
 
 def newton_default_iterations(dtype: torch.dtype) -> int:
@@ -678,8 +743,8 @@ def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
     """
     u_bar = u - 0.5 * x @ (x.mH @ u)
     if iterations is None:
-        shrink = (MAX_STEP / torch.linalg.matrix_norm(u_bar)).clamp(max=1.0)  # NaN stays NaN
-        return newton_schulz(_cayley_exact(x, u_bar * shrink[..., None, None]), 1)
+        shrink = MAX_STEP / torch.linalg.matrix_norm(u_bar).clamp_min(MAX_STEP)  # at most 1; NaN stays NaN
+        return _newton_schulz_where_closer(_cayley_exact(x, u_bar * shrink[..., None, None]))
 
     def apply_a(z: Tensor) -> Tensor:  # A z with A = u_bar x^T - x u_bar^T, never formed
         return u_bar @ (x.mH @ z) - x @ (u_bar.mH @ z)
@@ -691,6 +756,22 @@ def _cayley(x: Tensor, u: Tensor, iterations: int | None) -> Tensor:
     if bool(diverges.any()):
         y = torch.where(diverges[..., None, None], _cayley_exact(x, u_bar), y)
     return y
+
+
+def _newton_schulz_where_closer(y: Tensor) -> Tensor:
+    r"""One Newton–Schulz step :math:`\tfrac12 Y(3I - Y^\top Y)` of tall ``y``, taken by the points
+    it brings closer to the manifold (by :meth:`Stiefel.distance_to_manifold`), the others kept.
+
+    With :math:`E = Y^\top Y - I` the step gives :math:`E' = \tfrac14 E^2(E - 3I)` (exactly, up
+    to rounding): for a point near the manifold ``E`` is squared away, while one far off
+    (singular values above :math:`\sqrt5`) would be thrown farther. ``E'`` costs two
+    ``p x p`` products; ``Y^\top Y`` is the one the step needs anyway."""
+    gram = y.mH @ y
+    error = gram - identity_like(gram)
+    square = error @ error
+    predicted = 0.25 * (square @ error - 3 * square)
+    closer = predicted.abs().amax(dim=(-2, -1)) <= error.abs().amax(dim=(-2, -1))
+    return torch.where(closer[..., None, None], 1.5 * y - 0.5 * (y @ gram), y)
 
 
 def _cayley_exact(x: Tensor, u_bar: Tensor) -> Tensor:

@@ -185,6 +185,48 @@ class RiemannianAdam(BucketedOptimizer):
             ok = all_finite(update.x, update.momentum, update.exp_avg_sq)
         return BucketUpdate(update.x, writes + tracked, ok, drop, on_commit)
 
+    def load_state_dict(self, state_dict: dict[str, Any], *, second_moments: str | None = None) -> None:
+        """As :meth:`BucketedOptimizer.load_state_dict`.
+
+        Args:
+            state_dict: a state dict of this optimizer (or of one for the same parameters).
+            second_moments: ``None`` (default): load as it is. ``"sum"``: start from a
+                coordinate-wise Adam's checkpoint (``torch.optim.Adam``'s, for the same
+                model): the per-entry ``exp_avg_sq`` (and ``max_exp_avg_sq``) of each manifold
+                parameter are summed over each point's entries, the one second moment per
+                point this optimizer keeps (the running average of the Euclidean gradient's
+                squared norm, of which the Riemannian gradient's is a part). Without it such a
+                checkpoint is a ``ValueError`` that says so. ``exp_avg`` is loaded as it is and
+                projected onto the tangent space by the next step.
+        """
+        if second_moments not in (None, "sum"):
+            raise ValueError(f"second_moments must be None or 'sum', got {second_moments!r}")
+        if second_moments == "sum":
+            state_dict = self._per_point_second_moments(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _per_point_second_moments(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with each per-entry second moment of a manifold parameter summed per point."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return state_dict  # the usual error follows
+        states = dict(state_dict.get("state", {}))
+        for group, saved in zip(self.param_groups, saved_groups):
+            for index, param in zip(saved["params"], group["params"]):
+                manifold = self._manifold(group, param)
+                if index not in states or isinstance(manifold, Euclidean) or manifold.second_moment_layout != "scalar":
+                    continue
+                state = states[index] = dict(states[index])
+                batch = manifold.batch_shape(param.shape)
+                for key in ("exp_avg_sq", "max_exp_avg_sq"):
+                    value = state.get(key)
+                    if isinstance(value, Tensor) and tuple(value.shape) == tuple(param.shape) != tuple(batch):
+                        points = manifold.to_points(value)
+                        state[key] = points.sum(dim=tuple(range(1, points.dim()))).reshape(batch)
+                if isinstance(state.get("step"), Tensor):  # torch keeps it on the host; we keep it with the points
+                    state["step"] = state["step"].to(param.device)
+        return {**state_dict, "state": states}
+
     def _bucket_committed(self, bucket: Bucket, ok: Tensor) -> None:
         steps = [state["step"] for state in bucket.states]
         base = flat_base(steps) if len(steps) > 1 and not torch.compiler.is_compiling() else None

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
+from ..manifolds import Euclidean, GeooptManifold, Manifold, from_geoopt, is_geoopt_manifold
 from ..manifolds.base import Workspace, manifold_from_spec, manifold_spec
 from ..manifolds.linalg import real_dtype
 from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
@@ -133,6 +133,7 @@ class Bucket:
     grad: Tensor = field(init=False)
     _x_is_view: bool = field(init=False)
     _old: dict[str, tuple[Tensor, bool]] = field(init=False, default_factory=dict)
+    _replaced: dict[str, Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         first = self.params[0].shape
@@ -175,6 +176,8 @@ class Bucket:
     def state(self, name: str, layout: Layout = "tangent") -> Tensor | None:
         """A state of every parameter in the points layout (``(num_points, *trailing)``), or
         None before it exists. ``layout="stored"`` takes the trailing shape from the tensors."""
+        if name in self._replaced:
+            return self._replaced[name]
         values = [state.get(name) for state in self.states]
         if any(value is None for value in values):
             return None
@@ -182,6 +185,15 @@ class Bucket:
             layout = tuple(values[0].shape[len(self.manifold.batch_shape(self.params[0].shape)) :])
         self._old[name] = self._points(values, layout)
         return self._old[name][0]
+
+    def replace(self, x: Tensor, states: dict[str, Tensor]) -> None:
+        """Step from ``x`` and ``states`` (new tensors in the points layout, e.g. the points
+        projected onto the manifold) instead of the stored values; they are written back
+        with the step's results, and stay where the step is not taken."""
+        self.x, self._x_is_view = x, False
+        for name, value in states.items():
+            self._replaced[name] = value
+            self._old[name] = (value, False)
 
     def write_params(self, new: Tensor, ok: Tensor) -> None:
         """Store the new points where ``ok`` (a 0-dim bool tensor); elsewhere nothing changes."""
@@ -320,6 +332,20 @@ TRACKING_REFRESH_EVERY = 4
 
 _TRACKING_NAMES = {m: (m + TRACKING, m + TRACKING_AGE) for m in ("exp_avg", "momentum_buffer")}
 
+# Set in the state of a manifold parameter once a committed step started from its points
+# projected onto the manifold (see ``BucketedOptimizer._onto_manifold``). Absent before the
+# first step, after ``add_param_group`` (no state yet) and after ``load_state_dict`` (never
+# saved): the next step projects the points that are off the manifold first.
+PROJECTED = "points_projected"
+
+
+def _tracking_from_data(x: Tensor, m: Tensor) -> Tensor:
+    """A Stiefel tracking state formed from the data: ``E = X^H m`` on the tall orientation
+    (``p x p`` per point, see :meth:`~manifold_opt.manifolds.Stiefel.momentum_step`)."""
+    if x.shape[-2] < x.shape[-1]:
+        x, m = x.mT, m.mT
+    return x.mH @ m
+
 
 def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
     """(tracking state present, refresh due): part of a bucket key, so a bucket agrees on both."""
@@ -415,7 +441,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.reprojected_points = 0
-        self._skipped: dict[torch.device, Tensor] = {}
+        self._skipped: dict[torch.device, Tensor] = {}  # skipped buckets
+        self._skipped_steps: dict[torch.device, Tensor] = {}  # steps with a skipped bucket
+        self._step_skips: list[Tensor] = []  # this step's flags, one per committed bucket
         self._workspace = Workspace()
         self._static_keys: dict[Tensor, _StaticKey] = {}
         self._static_ids: dict[tuple[Any, ...], int] = {}
@@ -424,7 +452,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Bucket steps skipped for a non-finite gradient or update (reading it synchronizes)."""
+        """Calls of :meth:`step` that skipped something for a non-finite gradient or update
+        (one per call, however many buckets it skipped; reading it synchronizes)."""
+        return int(sum(int(count) for count in self._skipped_steps.values()))
+
+    @property
+    def skipped_buckets(self) -> int:
+        """Bucket steps skipped (a call of :meth:`step` that skips two buckets counts 2;
+        reading it synchronizes)."""
         return int(sum(int(count) for count in self._skipped.values()))
 
     # ------------------------------------------------------------ subclass API
@@ -505,6 +540,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._prepare_step()
+        self._step_skips = []
         pending: list[_Pending] = []
         for group in self.param_groups:
             for static, *params in self._group_buckets(group).values():
@@ -520,6 +556,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     pending.pop().commit()
         if pending:
             self._raise_or_commit(pending)
+        self._count_skipped_step()
         self._stabilize()
         return loss
 
@@ -557,6 +594,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             manifold = self._manifold(group, param)
+            if param.numel() == 0 and not isinstance(manifold, Euclidean):
+                continue  # no points: nothing to step (torch.optim's kernels step empty plain tensors)
             if compiling:
                 static = self._static_key(param, manifold)
             else:
@@ -612,6 +651,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         else:
             workspace = self._workspace if self.nonfinite == "skip" else Workspace()
         bucket = Bucket(manifold, point_shape, dtype, params, states, workspace)
+        fresh = _projects_points(manifold) and not all(PROJECTED in state for state in states)
+        if fresh:
+            self._onto_manifold(group, bucket)
         update = self._step_bucket(group, bucket, workspace)
 
         def commit() -> None:
@@ -625,10 +667,39 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 bucket.drop_state(name)
             if update.on_commit is not None:
                 update.on_commit()
+            if fresh:
+                for state in states:
+                    state[PROJECTED] = True
             self._bucket_committed(bucket, update.ok)
             self._count_skip(~update.ok)
 
         return _Pending(update.ok, commit, lambda: _describe("gradient or update", manifold, params))
+
+    def _onto_manifold(self, group: dict[str, Any], bucket: Bucket) -> None:
+        """The bucket's first step: points farther off the manifold than rounding are projected
+        onto it, their tangent states onto the new tangent spaces, and a tracking state is
+        formed again from the data there, all into new tensors (written with the step).
+
+        One residual and one projection per point, batched, with no host read; points on the
+        manifold, and their states, are kept bit for bit (so a resumed checkpoint continues
+        exactly). Rounding is ``16 eps`` of the parameter's dtype (or of the geometry dtype,
+        whichever is coarser: half-precision points are rounded when stored)."""
+        manifold, x = bucket.manifold, bucket.x
+        coarsest = max(torch.finfo(p.dtype).eps for p in bucket.params)
+        tolerance = max(manifold.drift_tolerance(real_dtype(x.dtype)), 16 * coarsest)
+        off = (manifold.distance_to_manifold(x) > tolerance).reshape(-1, *(1,) * manifold.point_ndim)
+        y = torch.where(off, manifold.project(x), x)
+        states: dict[str, Tensor] = {}
+        for name in self._tangent_state_names(group):
+            m = bucket.state(name)
+            if m is None:
+                continue
+            m = states[name] = torch.where(off, manifold.project_tangent(y, m.to(y.dtype)), m)
+            tracking = bucket.state(name + TRACKING, "stored")
+            if tracking is not None:
+                off_small = off.reshape(-1, *(1,) * (tracking.dim() - 1))
+                states[name + TRACKING] = torch.where(off_small, _tracking_from_data(y, m), tracking)
+        bucket.replace(y, states)
 
     def _sharded_manifold_bucket(self, group: dict[str, Any], static: _StaticKey, params: list[Tensor]) -> _Pending:
         """A bucket of FSDP2-sharded manifold parameters: each rank steps the whole matrices it
@@ -666,6 +737,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         def commit() -> None:
             if inner is not None:
                 inner.commit()
+            if _projects_points(static.manifold):  # the owners projected their points (if off)
+                for state in states:
+                    state[PROJECTED] = True
             after = list(self._tangent_state_names(group))
             for param, state in zip(params, states):
                 for name in after:
@@ -737,11 +811,20 @@ class BucketedOptimizer(torch.optim.Optimizer):
             item.commit()
 
     def _count_skip(self, skipped: Tensor) -> None:
-        device = skipped.device
-        count = self._skipped.get(device)
-        if count is None:
-            count = self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
-        count.add_(skipped.to(torch.int64))
+        """Count a committed bucket that was skipped where ``skipped`` (a 0-dim bool tensor)."""
+        _add_to_counter(self._skipped, skipped)
+        self._step_skips.append(skipped)
+
+    def _count_skipped_step(self) -> None:
+        """Count this step once if any of its buckets was skipped: one device reduction, no
+        host read (flags on several devices are gathered on an accelerator's, never copied
+        to the host)."""
+        flags, self._step_skips = self._step_skips, []
+        if not flags:
+            return
+        device = next((flag.device for flag in flags if flag.device.type != "cpu"), flags[0].device)
+        skipped = flags[0] if len(flags) == 1 else torch.stack([flag.to(device) for flag in flags]).any()
+        _add_to_counter(self._skipped_steps, skipped)
 
     # ----------------------------------------------------------- checkpoints
     # caches rebuilt on demand; torch.optim's hooks are not pickled (as in torch.optim)
@@ -786,6 +869,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("reprojected_points", 0)
         self.__dict__.setdefault("_skipped", {})
+        self.__dict__.setdefault("_skipped_steps", {})
+        self.__dict__.setdefault("_step_skips", [])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; a ``"manifold"`` key declares the
@@ -817,6 +902,10 @@ class BucketedOptimizer(torch.optim.Optimizer):
         """As ``torch.optim``; a group's ``"manifold"`` is saved as plain data (a dict naming
         the class and its fields), so the checkpoint loads with ``weights_only=True``."""
         state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {k: v for k, v in state.items() if k != PROJECTED} if PROJECTED in state else state
+            for index, state in state_dict["state"].items()
+        }
         for group in state_dict["param_groups"]:
             if isinstance(group.get("manifold"), Manifold):
                 group["manifold"] = manifold_spec(group["manifold"])
@@ -896,6 +985,16 @@ class BucketedOptimizer(torch.optim.Optimizer):
             fits = shape[: len(batch)] == batch and len(shape) == len(batch) + 2 and shape[-1] == shape[-2]
         else:
             fits = expected is None or shape == expected or (key == "step" and value.numel() == 1)
+        per_entry = key in ("exp_avg_sq", "max_exp_avg_sq") and expected == batch and shape == tuple(param.shape)
+        if not fits and per_entry:
+            raise ValueError(
+                f"load_state_dict: state {key!r} of saved parameter {index} has shape {shape}, one second moment "
+                f"per entry (as torch.optim.Adam keeps it), but {type(self).__name__} keeps one per point of "
+                f"{manifold!r} for this parameter of shape {tuple(param.shape)} (expected shape {batch}): the "
+                "checkpoint was saved by a coordinate-wise Adam. To start from it, pass "
+                "load_state_dict(state_dict, second_moments='sum'), which sums each point's entries (the squared "
+                "norm of the Euclidean gradient's running average); nothing was loaded"
+            )
         if not fits:
             raise ValueError(
                 f"load_state_dict: state {key!r} of saved parameter {index} has shape {shape}, but the parameter "
@@ -903,6 +1002,20 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 f"{expected if expected is not None else 'a matching shape'}): the state_dict was saved for "
                 "another model or another order of parameters; nothing was loaded"
             )
+
+
+def _projects_points(manifold: Manifold) -> bool:
+    """Whether a bucket's first step projects its points (see ``BucketedOptimizer._onto_manifold``):
+    every manifold of the package but Euclidean; geoopt's other manifolds are stepped as
+    geoopt steps them."""
+    return not isinstance(manifold, (Euclidean, GeooptManifold))
+
+
+def _add_to_counter(counters: dict[torch.device, Tensor], flag: Tensor) -> None:
+    count = counters.get(flag.device)
+    if count is None:
+        count = counters[flag.device] = torch.zeros((), dtype=torch.int64, device=flag.device)
+    count.add_(flag.to(torch.int64))
 
 
 def check_group_manifold(manifold: Any) -> None:

@@ -27,13 +27,25 @@ def is_geoopt_manifold(manifold: object) -> bool:
     return any(cls.__module__.startswith("geoopt.") for cls in type(manifold).__mro__)
 
 
+def import_geoopt() -> Any:
+    """The geoopt module, or an ImportError that says how to install it: geoopt is an
+    optional dependency (the extra ``manifold_opt[geoopt]``), needed only by this interop."""
+    try:
+        import geoopt
+    except ImportError as error:
+        raise ImportError(
+            "manifold_opt's geoopt interop needs geoopt, which is not installed: pip install manifold_opt[geoopt]"
+        ) from error
+    return geoopt
+
+
 def from_geoopt(manifold: Any, ndim: int) -> Manifold:
     """The manifold_opt manifold for a geoopt manifold carried by a tensor of ``ndim`` dims.
 
     geoopt treats all but the last ``manifold.ndim`` dimensions as a batch; the mapped
     manifold gets the matching ``batch_dims``.
     """
-    import geoopt
+    geoopt = import_geoopt()
 
     kind = type(manifold)
     if kind is geoopt.Euclidean and manifold.ndim == 0:
@@ -114,7 +126,7 @@ class GeooptManifold(Manifold):
         """geoopt's convention: Adam averages ``component_inner``, which is one number per
         coordinate where a geoopt manifold overrides it (``Euclidean``, ``ProductManifold``)
         and the point's inner product otherwise."""
-        import geoopt
+        geoopt = import_geoopt()
 
         own = type(self.manifold).component_inner
         return "scalar" if own is geoopt.manifolds.base.Manifold.component_inner else "tangent"

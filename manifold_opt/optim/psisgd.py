@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._compiler import apply_compiler_disable, compiler_disable
 from ..manifolds import Manifold
 from ..manifolds.base import Workspace
 from ..manifolds.psi import PSI
@@ -135,6 +136,7 @@ class PSISGD(RiemannianSGD):
         if not isinstance(verify_steps, int) or isinstance(verify_steps, bool) or verify_steps < 1:
             raise ValueError(f"verify_steps must be an int >= 1, got {verify_steps!r}")
         check_nonnegative("invariant_weight_decay", invariant_weight_decay)
+        apply_compiler_disable(type(self))  # _prepare_step
         self.detect = bool(detect)
         self.tolerance = float(tolerance)
         self.verify_steps = verify_steps
@@ -162,7 +164,7 @@ class PSISGD(RiemannianSGD):
             return declared
         return PSI_ROWS if self.state[param].get("psi_verdict") == PSI_VERDICT else EUCLIDEAN
 
-    @torch.compiler.disable  # host decisions: under torch.compile, one graph break, no recompiles
+    @compiler_disable  # host decisions: under torch.compile, one graph break, no recompiles
     def _prepare_step(self) -> None:
         for group in self.param_groups:
             self._classify(group)

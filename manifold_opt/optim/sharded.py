@@ -15,26 +15,29 @@ replicated on every rank as plain tensors and made equal again with one ``all_re
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
-
 
 def is_sharded(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (e.g. a parameter of a ``fully_shard`` module)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a DTensor (e.g. a parameter of a ``fully_shard`` module).
+
+    Not imported here: ``torch.distributed.tensor`` takes most of a second to import (sympy),
+    and there is no DTensor before it is imported (torch built without distributed support
+    has none).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def check_row_sharded(param: Tensor) -> None:
     """A DTensor manifold parameter must be sharded on dimension 0 of a 1-D mesh (FSDP2's layout)."""
+    from torch.distributed.tensor import Shard
+
     mesh = param.device_mesh
     if mesh.ndim != 1 or len(param.placements) != 1 or param.placements[0] != Shard(0):
         raise NotImplementedError(
@@ -177,6 +180,8 @@ class LocalShards:
         return agree_on_all_ranks(flag, self.group)
 
     def store_states(self) -> None:
+        from torch.distributed.tensor import DTensor
+
         for param, real, local in zip(self.sharded_params, self.real_states, self.states):
             for key, value in local.items():
                 old = real.get(key)

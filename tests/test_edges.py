@@ -114,6 +114,28 @@ def test_first_step_after_load_state_dict_and_add_param_group_projects(case: str
     assert distance(newcomer) <= tolerance(case) and distance(param) <= tolerance(case)
 
 
+@pytest.mark.parametrize("how", ["copy_", "add_"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("case", MANIFOLDS)
+def test_an_overwrite_between_steps_is_projected_by_the_next_step(case: str, optimizer: str, how: str) -> None:
+    """The step compares each parameter's version counter with the one its last step left (host
+    metadata): an in-place write since is projected."""
+    manifold, shape = MANIFOLDS[case]
+    param = off_manifold(manifold, shape)
+    opt = OPTIMIZERS[optimizer]([param])
+    for seed in range(6):
+        step_with_random_gradient(opt, [param], seed)
+        value = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(10 + seed))
+        with torch.no_grad():
+            if how == "copy_":
+                param.copy_(value)
+            else:
+                param.add_(value)
+        assert distance(param) > 1e-2
+    step_with_random_gradient(opt, [param], 7)
+    assert distance(param) <= tolerance(case)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("kind", ["EuclideanStiefel", "Sphere"])
 def test_geoopt_parameters_from_randn_are_on_the_manifold_after_one_step(kind: str, optimizer: str) -> None:
@@ -205,7 +227,7 @@ def test_a_refused_step_changes_nothing(name: str, shape: tuple[int, int], bad_a
     good, good_opt = run_with_bad_gradient(STEPPERS[name], shape, "raise", None)
     bad, bad_opt = run_with_bad_gradient(STEPPERS[name], shape, "raise", bad_at)
     torch.testing.assert_close(bad, good, rtol=0, atol=0)
-    (good_state,), (bad_state,) = good_opt.state.values(), bad_opt.state.values()
+    (good_state,), (bad_state,) = good_opt.state_dict()["state"].values(), bad_opt.state_dict()["state"].values()
     assert good_state.keys() == bad_state.keys()
     for key, value in good_state.items():
         assert torch.equal(bad_state[key], value) if isinstance(value, torch.Tensor) else bad_state[key] == value, key

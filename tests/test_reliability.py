@@ -420,9 +420,10 @@ def test_stabilize_reprojects_every_n_steps_of_its_group(make) -> None:
     weight.grad, other.grad = torch.zeros(8, 3), torch.zeros(8, 3)
     opt.step()  # the first step (which projects points that are off the manifold) is behind us
     for step in range(2, 8):
-        with torch.no_grad():  # knocked off the manifold by something outside the optimizer
-            weight.mul_(1.01)
-            other.mul_(1.01)
+        # knocked off the manifold through a .data alias, which the next step does not see (an
+        # in-place write to the parameter itself would be projected by the next step)
+        weight.data.mul_(1.01)
+        other.data.mul_(1.01)
         # skipped steps (NaN gradients): only the stabilization can bring the points back
         weight.grad, other.grad = torch.full((8, 3), math.nan), torch.full((8, 3), math.nan)
         opt.step()

@@ -332,11 +332,34 @@ TRACKING_REFRESH_EVERY = 4
 
 _TRACKING_NAMES = {m: (m + TRACKING, m + TRACKING_AGE) for m in ("exp_avg", "momentum_buffer")}
 
-# Set in the state of a manifold parameter once a committed step started from its points
-# projected onto the manifold (see ``BucketedOptimizer._onto_manifold``). Absent before the
-# first step, after ``add_param_group`` (no state yet) and after ``load_state_dict`` (never
-# saved): the next step projects the points that are off the manifold first.
+# Set in the state of a manifold parameter by every committed step: the parameter's version
+# counter after the step wrote it (torch counts every in-place write to a tensor and its
+# views; host metadata, no device read). A step whose parameters lack it (before their first
+# step, after ``add_param_group``: no state yet; after ``load_state_dict``: it is never saved)
+# or carry another count (something wrote into them since: ``copy_`` under ``no_grad``, a
+# module's ``load_state_dict``) first projects the points that are off the manifold (see
+# ``BucketedOptimizer._onto_manifold``). Writes through ``.data`` (``p.data = t``,
+# ``p.data.mul_(2)``) are not counted. Under torch.compile it is ``True`` and only its
+# absence counts.
 PROJECTED = "points_projected"
+
+
+def _needs_projection(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """Whether a bucket's step starts by projecting its points (see ``PROJECTED``)."""
+    if torch.compiler.is_compiling():
+        return not all(PROJECTED in state for state in states)
+    with torch._C.DisableTorchFunctionSubclass():  # a subclass's __torch_function__ costs 0.2 us per read
+        return any(state.get(PROJECTED) != p._version for p, state in zip(params, states))
+
+
+def _mark_written(params: list[Tensor], states: list[dict[str, Any]]) -> None:
+    if torch.compiler.is_compiling():
+        for state in states:
+            state[PROJECTED] = True
+        return
+    with torch._C.DisableTorchFunctionSubclass():
+        for param, state in zip(params, states):
+            state[PROJECTED] = param._version
 
 
 def _tracking_from_data(x: Tensor, m: Tensor) -> Tensor:
@@ -428,8 +451,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
         nonfinite: what a bucket with a NaN/Inf gradient, or whose update comes out
             non-finite, does: ``"skip"`` (default: its parameters and state stay untouched,
             decided on the device, with no host synchronization; :attr:`skipped_steps`
-            counts them) or ``"raise"`` (a ``FloatingPointError`` before anything of the step
-            is written; one host read per step).
+            counts the steps that skipped any, :attr:`skipped_buckets` the buckets) or
+            ``"raise"`` (a ``FloatingPointError`` before anything of the step is written; one
+            host read per step).
+
+    A bucket's first step (the first of a parameter, the first after :meth:`add_param_group`
+    or :meth:`load_state_dict`, the first after an in-place write into a parameter since its
+    last step) first projects the points that are off the manifold, batched and with no host
+    read; points on it are kept bit for bit (see ``docs/design.md``, points off the manifold).
+    Zero-size manifold parameters are skipped.
 
     Attributes:
         reprojected_points: points re-projected by the drift check (fixed iteration counts
@@ -578,6 +608,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     x = manifold.project(manifold.to_points(param.detach()))
                     param.copy_(manifold.from_points(x, param.shape))
                     state = self.state.get(param, {})
+                    if PROJECTED in state:  # its own write
+                        _mark_written([param], [state])
                     for name in self._tangent_state_names(group):
                         if isinstance(state.get(name), Tensor):
                             tangent = manifold.project_tangent(x, manifold.to_points(state[name]).to(x.dtype))
@@ -643,6 +675,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         dtype: torch.dtype,
         params: list[Tensor],
         states: list[dict[str, Any]] | None = None,
+        fresh: bool | None = None,
     ) -> _Pending:
         states = [self.state[p] for p in params] if states is None else states
         # one shared workspace when each bucket is written before the next is computed
@@ -651,7 +684,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         else:
             workspace = self._workspace if self.nonfinite == "skip" else Workspace()
         bucket = Bucket(manifold, point_shape, dtype, params, states, workspace)
-        fresh = _projects_points(manifold) and not all(PROJECTED in state for state in states)
+        projects = _projects_points(manifold)
+        if fresh is None:
+            fresh = projects and _needs_projection(params, states)
         if fresh:
             self._onto_manifold(group, bucket)
         update = self._step_bucket(group, bucket, workspace)
@@ -667,9 +702,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 bucket.drop_state(name)
             if update.on_commit is not None:
                 update.on_commit()
-            if fresh:
-                for state in states:
-                    state[PROJECTED] = True
+            if projects:
+                _mark_written(params, states)
             self._bucket_committed(bucket, update.ok)
             self._count_skip(~update.ok)
 
@@ -726,9 +760,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
             state.update(zip(names, tangent))
             whole_states.append(state)
         inner = None
+        # each rank's own record: the whole matrices are new tensors at every step
+        fresh = _projects_points(static.manifold) and not all(PROJECTED in state for state in states)
         if owned:
             inner = self._manifold_bucket(
-                group, static.manifold, static.point_shape, static.dtype, whole_params, whole_states
+                group, static.manifold, static.point_shape, static.dtype, whole_params, whole_states, fresh
             )
         ok = inner.ok if inner is not None else torch.ones((), dtype=torch.bool, device=params[0].to_local().device)
         if self.nonfinite == "raise":  # every rank takes the same decision

@@ -196,7 +196,9 @@ class PSISGD(RiemannianSGD):
             state = self.state[param]
             declared = self.declared_manifold(group, param)
             if declared is not None:
-                if isinstance(declared, PSI) and _detectable(param) and state.get("psi_checks", 0) < self.verify_steps:
+                # an empty parameter has nothing to check
+                checking = param.numel() > 0 and state.get("psi_checks", 0) < self.verify_steps
+                if isinstance(declared, PSI) and _detectable(param) and checking:
                     pending.append((param, declared.batch_dims))
                 continue
             if not self.detect:

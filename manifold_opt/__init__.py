@@ -5,7 +5,7 @@ import torch as _torch
 from . import nn
 from .manifolds import ConditionedSpectrum, Euclidean, Manifold, Sphere, Stiefel
 from .manifolds.psi import PSI
-from .optim import PSISGD, RiemannianAdam, RiemannianSGD, declare_psi
+from .optim import PSISGD, RiemannianAdam, RiemannianMuon, RiemannianSGD, declare_psi
 from .parameter import ManifoldParameter, _rebuild_manifold_parameter
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "Manifold",
     "ManifoldParameter",
     "RiemannianAdam",
+    "RiemannianMuon",
     "RiemannianSGD",
     "Sphere",
     "Stiefel",

@@ -5,6 +5,8 @@
 * :func:`check_gradient`: the Riemannian gradient of a function against autograd.
 * :func:`manifold_residuals`: distance to the manifold of every
   :class:`~manifold_opt.ManifoldParameter` of a model, for monitoring.
+* :func:`steepest_direction_gap`: how far a spectral-norm steepest direction (the oracle of
+  :class:`~manifold_opt.RiemannianMuon`) is from the optimum, by its duality gap.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from .manifolds import Manifold
 from .manifolds.linalg import real_product
+from .manifolds.spectral import duality_gap
 from .optim.base import manifold_of
 
 
@@ -156,3 +159,50 @@ def manifold_residuals(module: torch.nn.Module) -> dict[str, float]:
         if manifold.point_ndim > 0:
             residuals[name] = float(manifold.parameter_distance(parameter.detach()))
     return residuals
+
+
+def steepest_direction_gap(
+    manifold: Manifold,
+    x: Tensor,
+    g: Tensor,
+    shape: tuple[int, ...] | torch.Size | None = None,
+    *,
+    iterations: int = 200,
+) -> Tensor:
+    r"""The relative duality gap of :meth:`~manifold_opt.manifolds.Manifold.steepest_direction`
+    at ``x`` for the gradient (or momentum) ``g``, one number per matrix.
+
+    The manifold's direction :math:`A` (projected onto the tangent space, scaled to spectral
+    norm 1) has the value :math:`\ell = \langle g, A\rangle \le` optimum; any
+    :math:`Z = g - \nu` with :math:`\nu` in the normal space bounds the optimum from above by
+    :math:`\|Z\|_*`. :math:`Z` comes from ``iterations`` steps of the generic solver
+    (:func:`~manifold_opt.manifolds.spectral.admm_steepest_direction`, whatever the manifold
+    computes its own direction with), so the gap :math:`(\|Z\|_* - \ell)/\|Z\|_*` bounds how
+    far the direction is from the true optimum, without trusting the manifold's method
+    (loosely where the solver has not converged: more ``iterations`` tighten it).
+
+    Args:
+        manifold: the manifold of ``x``.
+        x, g: one parameter (or a stack of them) in the points layout.
+        shape: the parameter's shape (default: ``x.shape``, one point).
+        iterations: iterations of the solver that provides :math:`Z`.
+
+    Example:
+        >>> import torch
+        >>> from manifold_opt import Stiefel
+        >>> from manifold_opt.checks import steepest_direction_gap
+        >>> st = Stiefel()
+        >>> x = st.random_point((12, 4), dtype=torch.float64)
+        >>> bool(steepest_direction_gap(st, x, torch.randn(12, 4, dtype=torch.float64)) < 1e-6)
+        True
+    """
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    direction = manifold.steepest_direction(x, g, shape, iterations=iterations).direction
+    bound = Manifold.steepest_direction(manifold, x, g, shape, iterations=iterations).dual
+    rows, cols = manifold.spectral_matrix_shape(shape)
+    matrices = (-1, rows, cols)
+
+    def project(a: Tensor) -> Tensor:
+        return manifold.project_tangent(x, a.reshape(x.shape)).reshape(a.shape)
+
+    return duality_gap(g.reshape(matrices), direction.reshape(matrices), bound.reshape(matrices), project)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .geoopt_names import GeooptNames
 from .linalg import real_product
+from .spectral import SteepestDirection, admm_steepest_direction
 
 # A step size: one number, or one per point (a tensor that broadcasts against the points,
 # e.g. ``(num_points, 1, 1)`` for matrices), as Adam's per-point step sizes are.
@@ -396,6 +397,46 @@ class Manifold(GeooptNames, ABC):
         """A random tangent vector at ``x`` (projected Gaussian)."""
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         return self.project_tangent(x, noise)
+
+    # ------------------------------------------- steepest descent under the spectral norm
+    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(rows, cols)`` of the matrices whose spectral norm measures a step of a parameter
+        of shape ``shape`` (:class:`~manifold_opt.RiemannianMuon`): the parameter as one
+        ``(out, prod(rest))`` matrix (a vector is one row), whose rows are the points of a
+        row-wise manifold (``Sphere(batch_dims=1)``, ``PSI``). Manifolds of matrices
+        (Stiefel) measure each point, a batch of them, instead."""
+        shape = tuple(shape)
+        if len(shape) < 2:
+            return (1, numel(shape))
+        return (shape[0], numel(shape[1:]))
+
+    def steepest_direction(
+        self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
+    ) -> SteepestDirection:
+        r"""The steepest unit step under the spectral norm inside the tangent space,
+
+        .. math::
+            A^\star = \arg\max\ \langle g, A\rangle
+            \quad\text{subject to}\quad \|A\|_2 \le 1,\ A \in T_x\mathcal M,
+
+        with the norm of the matrices of :meth:`spectral_matrix_shape`. ``x`` and ``g`` are
+        whole parameters of shape ``shape`` in the points layout. This default solves it for
+        any tangent space by :func:`~manifold_opt.manifolds.spectral.admm_steepest_direction`
+        (``iterations`` ADMM steps from ``dual``, the previous solve's dual variable, or from
+        the tangent projection of :math:`\operatorname{msign}(g)`); manifolds with a closed
+        form override it."""
+        rows, cols = self.spectral_matrix_shape(shape)
+
+        def project(a: Tensor) -> Tensor:
+            return self.project_tangent(x, a.reshape(x.shape)).reshape(a.shape)
+
+        matrices = g.reshape(-1, rows, cols)
+        result = admm_steepest_direction(
+            matrices, project, iterations=iterations, dual=None if dual is None else dual.reshape(matrices.shape)
+        )
+        return SteepestDirection(
+            result.direction.reshape(x.shape), None if result.dual is None else result.dual.reshape(x.shape)
+        )
 
     # ------------------------------------------------------------ drift policy
     @property

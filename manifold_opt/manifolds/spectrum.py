@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .base import Manifold, StepSize, Workspace, add_step, check_iterations, keep_or_drop
 from .linalg import identity_like, newton_schulz, qr_positive
+from .spectral import SteepestDirection, msign
 
 SPECTRUM_RETRACTIONS = ("svd", "newton")
 # Newton–Schulz steps of the matmul-only clipping when ``iterations`` is None; the accuracy
@@ -185,6 +186,17 @@ class ConditionedSpectrum(Manifold):
         y = torch.where(finite, y, 0.0)
         y = self.project(y) if self.retraction == "svd" else self.project_approximate(y)
         return torch.where(finite, y, torch.nan)
+
+    def steepest_direction(
+        self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
+    ) -> SteepestDirection:
+        r"""The set is a full-dimensional band: every direction is tangent, so the steepest unit
+        step is :math:`\operatorname{msign}(g)` of each point, and the retraction (a projection
+        onto the band) keeps the spectrum in it."""
+        return SteepestDirection(msign(g))
+
+    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        return self.point_shape(shape)  # each point is one matrix
 
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return v

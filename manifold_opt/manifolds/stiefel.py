@@ -29,6 +29,7 @@ from .linalg import (
     real_dtype,
     sym,
 )
+from .spectral import SteepestDirection, stiefel_steepest_direction
 
 STIEFEL_RETRACTIONS = ("qr", "polar", "cayley", "newton")
 
@@ -159,6 +160,20 @@ class Stiefel(EmbeddedManifold):
                 return into(out, self.project_tangent(x.mT, u.mT).mT)
             return self.project_tangent(x.mT, u.mT, out=out.mT).mT
         return subtract_product(u, x, sym(x.mH @ u), out=out)
+
+    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        return self.point_shape(shape)  # each point is one matrix
+
+    def steepest_direction(
+        self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
+    ) -> SteepestDirection:
+        r"""In closed form for every shape (:func:`~manifold_opt.manifolds.spectral.stiefel_steepest_direction`):
+        :math:`A^\star = \operatorname{msign}(\operatorname{skew}(G X^\mathsf{H}))\,X`, matrix products
+        only (with one :math:`p \times p` Cholesky factor and solve for :math:`n > 2p`); wide
+        points by the transposed problem. ``iterations`` and ``dual`` are not used."""
+        if _is_wide(x):
+            return SteepestDirection(stiefel_steepest_direction(x.mT, g.mT).mT)
+        return SteepestDirection(stiefel_steepest_direction(x, g))
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         r"""The retraction (see the class docstring), in two forms that agree to rounding.

@@ -2,6 +2,7 @@
 
 from .adam import RiemannianAdam
 from .base import BucketedOptimizer, manifold_of
+from .muon import RiemannianMuon
 from .psi_detection import declare_psi, find_psi_weights
 from .psisgd import PSISGD
 from .sgd import RiemannianSGD
@@ -10,6 +11,7 @@ __all__ = [
     "PSISGD",
     "BucketedOptimizer",
     "RiemannianAdam",
+    "RiemannianMuon",
     "RiemannianSGD",
     "declare_psi",
     "find_psi_weights",

@@ -740,7 +740,8 @@ def oracle_section(settings: Settings) -> tuple[str, str]:
         "direction's relative distance to the optimum. Solvers: RiemannianMuon's oracle "
         f"`Stiefel().steepest_direction(W, G, iterations=k)` ({stiefel_oracle_description()}); the same direction "
         "graded by the library's own certificate, `manifold_opt.checks.steepest_direction_gap(Stiefel(), W, G, "
-        "iterations=k)` (the tangent projection of G for a closed form, the solver's dual otherwise); the generic "
+        "iterations=k)` (its upper bound is the dual of the library's generic solver run for k iterations, so it "
+        "is loose at small k even where the direction is exact); the generic "
         "ADMM solver of `manifold_opt.manifolds.spectral` (an SVD per iteration, cold start); and the reference "
         "dual ascent, k iterations with its schedule α(1 − i/k), α = 0.01, and its tolerance 1e-6 (it may stop "
         "earlier), with its 10-step msign in bfloat16 as published or in float64 (its certificate is "
@@ -757,30 +758,34 @@ def oracle_section(settings: Settings) -> tuple[str, str]:
 
 
 def oracle_plot(medians: dict[tuple[str, str, str], list[float]], iterations: Sequence[int], suffix: str) -> str:
+    """One panel per (gradient kind, shape class): each method's median gap against iterations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    figure, axes = plt.subplots(1, len(ORACLE_SHAPES), figsize=(17, 4.2), sharey=True)
-    colors = dict(zip(KINDS, ("tab:blue", "tab:orange", "tab:green")))
-    styles = dict(zip(ORACLE_METHODS, ("-", (0, (1, 4)), "-.", ":", "--")))
-    for axis, shape_class in zip(axes, ORACLE_SHAPES):
-        for kind in KINDS:
+    figure, axes = plt.subplots(len(KINDS), len(ORACLE_SHAPES), figsize=(16, 10), sharex=True, sharey=True)
+    colors = dict(zip(ORACLE_METHODS, ("tab:blue", "tab:cyan", "tab:purple", "tab:red", "tab:orange")))
+    styles = dict(zip(ORACLE_METHODS, ("-", ":", "-.", "--", "--")))
+    for row, kind in enumerate(KINDS):
+        for column, shape_class in enumerate(ORACLE_SHAPES):
+            axis = axes[row][column]
             for method in ORACLE_METHODS:
                 values = [max(v, 1e-16) for v in medians[(shape_class, kind, method)]]
-                axis.plot(iterations, values, linestyle=styles[method], color=colors[kind], marker="o", markersize=2)
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_title(f"{shape_class}: {label(ORACLE_SHAPES[shape_class])}", fontsize=9)
-        axis.set_xlabel("iterations")
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("relative gap (floored at 1e-16)")
-    handles = [Line2D([], [], color=c) for c in colors.values()] + [
-        Line2D([], [], color="black", linestyle=s) for s in styles.values()
-    ]
-    figure.legend(handles, [*KINDS, *ORACLE_METHODS], loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+                axis.plot(iterations, values, styles[method], color=colors[method], marker="o", markersize=3)
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.grid(True, which="both", alpha=0.3)
+            if row == 0:
+                axis.set_title(f"{shape_class}: {label(ORACLE_SHAPES[shape_class])}", fontsize=10)
+            if row == len(KINDS) - 1:
+                axis.set_xlabel("iterations k")
+            if column == 0:
+                axis.set_ylabel(f"{kind} G: relative gap")
+    handles = [Line2D([], [], color=colors[m], linestyle=styles[m], marker="o", markersize=3) for m in ORACLE_METHODS]
+    figure.legend(handles, ORACLE_METHODS, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.04))
+    figure.suptitle("Spectral-norm steepest direction on Stiefel: relative gap (floored at 1e-16), float64")
     figure.tight_layout()
     name = f"muon_oracle{suffix}"
     save_figure(figure, name)
@@ -1315,6 +1320,16 @@ def transformer_section(settings: Settings) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------- main
+def cpu_name() -> str:
+    """The CPU's model name and core count (Linux), for the machine notes."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "a"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0]} ({len(names)} cores)" if names else "a"
+
+
 def main() -> None:
     parser = topic_parser("muon", __doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sweeps, one seed, short training (a few minutes)")
@@ -1339,7 +1354,7 @@ def main() -> None:
     )
     start = time.perf_counter()
     sections = []
-    where = "CPU, one torch thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = f"{cpu_name()} CPU, one torch thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
     sections.append(
         f"Measured on {where}, float32 parameters unless said. The machine (2 cores) was shared with other jobs: "
         "milliseconds move with its load; Gram units and ratios measured in the same round-robin move less."

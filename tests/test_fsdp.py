@@ -20,7 +20,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from manifold_opt import PSI, PSISGD, ConditionedSpectrum, RiemannianAdam, RiemannianSGD, Sphere, Stiefel
+from manifold_opt import (
+    PSI,
+    PSISGD,
+    ConditionedSpectrum,
+    RiemannianAdam,
+    RiemannianMuon,
+    RiemannianSGD,
+    Sphere,
+    Stiefel,
+)
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed"),
@@ -38,6 +47,7 @@ OPTIMIZERS = {
     "sgd": lambda groups: RiemannianSGD(groups, lr=0.05, momentum=0.9, nesterov=True),
     "adam": lambda groups: RiemannianAdam(groups, lr=0.01, amsgrad=True),
     "psisgd": lambda groups: PSISGD(groups, lr=0.05, detect=False),
+    "muon": lambda groups: RiemannianMuon(groups, lr=0.05, adamw_lr=0.01),
 }
 
 

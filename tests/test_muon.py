@@ -366,3 +366,79 @@ def test_complex_stiefel_direction_is_tangent_with_the_nuclear_norm_value_on_squ
         assert value <= upper + 1e-9
         if shape[0] == shape[1]:
             assert value == pytest.approx(upper, rel=1e-9)
+
+
+def test_lr_schedulers_and_param_groups_follow_torch_muon():
+    ours, theirs = _pairs([(8, 5), (6, 6)])
+    opt = RiemannianMuon([{"params": [ours[0]]}, {"params": [ours[1]], "lr": 0.05}], lr=0.02)
+    ref = torch.optim.Muon([{"params": [theirs[0]]}, {"params": [theirs[1]], "lr": 0.05}], lr=0.02)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref)]
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert opt.param_groups[1]["lr"] == ref.param_groups[1]["lr"] == 0.05 / 16
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max().item() <= 4 * 0.1 * 1.5 * 2**-8
+
+
+def test_per_group_manifolds_and_a_geoopt_manifold_through_the_generic_solver():
+    geoopt = pytest.importorskip("geoopt")
+    torch.manual_seed(19)
+    declared = torch.nn.Parameter(torch.randn(12, 4))
+    canonical = geoopt.ManifoldParameter(torch.linalg.qr(torch.randn(12, 4))[0], manifold=geoopt.CanonicalStiefel())
+    opt = RiemannianMuon(
+        [{"params": [declared], "manifold": Stiefel()}, {"params": [canonical]}], lr=0.05, oracle_iterations=(200, 20)
+    )
+    assert next(row.manifold for row in opt.routing_report()) == Stiefel()
+    for _ in range(5):
+        declared.grad, canonical.grad = torch.randn_like(declared), torch.randn_like(canonical)
+        opt.step()
+    for p in (declared, canonical):
+        assert Stiefel().distance_to_manifold(p.detach()).item() < 1e-5
+    # geoopt manifolds whose tangent projection is not known to be orthogonal: a clear error
+    ball = geoopt.ManifoldParameter(torch.zeros(3, 2), manifold=geoopt.PoincareBall())
+    with pytest.raises(TypeError, match=r"shape \(3, 2\) on PoincareBall.*RiemannianAdam"):
+        RiemannianMuon([ball])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.test_fsdp import process_group
+
+    with process_group(rank, world, port):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        model[0].weight = ManifoldParameter(model[0].weight, Stiefel())
+        ddp = DistributedDataParallel(model)
+        opt = RiemannianMuon(ddp.parameters(), lr=0.05, adamw_lr=0.01)
+        for step in range(5):
+            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            ddp(x[rank * 4 : rank * 4 + 4]).square().mean().backward()  # each rank its half
+            opt.step()
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+
+
+def test_ddp_on_two_processes_equals_one_process(tmp_path):
+    from tests.test_fsdp import spawn
+
+    out = str(tmp_path / "ddp.pt")
+    spawn(_ddp_worker, 2, out)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model[0].weight = ManifoldParameter(model[0].weight, Stiefel())
+    opt = RiemannianMuon(model.parameters(), lr=0.05, adamw_lr=0.01)
+    for step in range(5):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for key, value in torch.load(out, weights_only=True).items():
+        torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=2e-5)

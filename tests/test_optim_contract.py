@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from manifold_opt import ManifoldParameter, RiemannianAdam, RiemannianSGD, Sphere, Stiefel
+from manifold_opt import ManifoldParameter, RiemannianAdam, RiemannianMuon, RiemannianSGD, Sphere, Stiefel
 from manifold_opt.checks import manifold_residuals
 
 F64 = torch.float64
@@ -223,6 +223,7 @@ def train_model(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start:
 OPTIMIZERS = {
     "sgd": lambda ps: RiemannianSGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda ps: RiemannianAdam(ps, lr=0.01, amsgrad=True, weight_decay=1e-3),
+    "muon": lambda ps: RiemannianMuon(ps, lr=0.02, adamw_lr=0.01, oracle_iterations=(10, 3)),
 }
 
 
@@ -249,7 +250,7 @@ def test_bucketed_step_equals_one_optimizer_per_parameter(name: str) -> None:
 def test_state_of_a_stacked_bucket_edited_or_replaced_by_the_user_is_used(name: str) -> None:
     # after its first step a bucket keeps its parameters' states as pieces of one buffer;
     # an in-place edit or a replaced tensor must be seen by the next step as by torch.optim
-    momentum = "momentum_buffer" if name == "sgd" else "exp_avg"
+    momentum = "exp_avg" if name == "adam" else "momentum_buffer"
     stepped = {}
     for layout in ("bucketed", "looped"):
         model = mixed_model(F64)

@@ -410,6 +410,18 @@ class Manifold(GeooptNames, ABC):
             return (1, numel(shape))
         return (shape[0], numel(shape[1:]))
 
+    @property
+    def steepest_direction_supported(self) -> bool:
+        """True when :meth:`steepest_direction` works here (every native manifold; geoopt's
+        only where its tangent projection is known to be orthogonal)."""
+        return True
+
+    @property
+    def steepest_direction_warm_starts(self) -> bool:
+        """True when :meth:`steepest_direction` returns a dual variable (in the parameter's
+        layout) that warm-starts the next solve; False for closed forms."""
+        return True
+
     def steepest_direction(
         self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
     ) -> SteepestDirection:
@@ -484,6 +496,18 @@ class EmbeddedManifold(Manifold):
     def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = True) -> Tensor:
         value = self._sum_point_dims(real_product(u, u if v is None else v))
         return keep_or_drop(value, self.point_ndim, keepdim)
+
+
+def unsupported_steepest_direction(manifold: Manifold, shape: Sequence[int]) -> str:
+    """The error message for a manifold without a spectral-norm oracle."""
+    inner = getattr(manifold, "manifold", manifold)
+    return (
+        f"RiemannianMuon has no spectral-norm steepest direction for a parameter of shape {tuple(shape)} on "
+        f"{type(inner).__name__}: the oracle needs the Euclidean-orthogonal projection onto its tangent spaces, "
+        "which this manifold does not provide. Declare the parameter on manifold_opt's own manifold (Stiefel(), "
+        "Sphere(), PSI(), ConditionedSpectrum()), put it in a param group with algorithm 'adamw' if it is "
+        "Euclidean, or step it with RiemannianAdam / RiemannianSGD"
+    )
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Manifold, StepSize, Workspace, into
+from .base import Manifold, StepSize, Workspace, into, unsupported_steepest_direction
 from .euclidean import Euclidean
+from .spectral import SteepestDirection
 from .sphere import Sphere
 from .stiefel import Stiefel
 
@@ -96,6 +97,32 @@ class GeooptManifold(Manifold):
 
     def riemannian_grad(self, x: Tensor, g: Tensor, *, out: Tensor | None = None) -> Tensor:
         return into(out, self.manifold.egrad2rgrad(x, g.clone()))
+
+    # the spectral-norm oracle (RiemannianMuon) needs the Euclidean-orthogonal projection onto
+    # the tangent space, which geoopt's proju is not for every manifold (CanonicalStiefel's
+    # u - x u^T x is not even idempotent): only manifolds whose tangent spaces are known get it
+    @property
+    def steepest_direction_supported(self) -> bool:
+        return type(self.manifold).__name__ == "CanonicalStiefel"
+
+    @property
+    def steepest_direction_warm_starts(self) -> bool:
+        return False
+
+    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        if self.point_ndim == 2:
+            return self.point_shape(shape)  # type: ignore[return-value]
+        return super().spectral_matrix_shape(shape)
+
+    def steepest_direction(
+        self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
+    ) -> SteepestDirection:
+        """geoopt's ``CanonicalStiefel`` has the Stiefel manifold's tangent spaces (only its
+        metric differs, which the oracle does not use): :class:`~manifold_opt.Stiefel`'s
+        closed form. Other geoopt manifolds raise a TypeError that says what to use instead."""
+        if not self.steepest_direction_supported:
+            raise TypeError(unsupported_steepest_direction(self, shape))
+        return Stiefel().steepest_direction(x, g, shape, iterations=iterations)
 
     def retract(self, x: Tensor, u: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None) -> Tensor:
         return self.manifold.retr(x, u * t)

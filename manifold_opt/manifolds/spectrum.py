@@ -195,6 +195,10 @@ class ConditionedSpectrum(Manifold):
         onto the band) keeps the spectrum in it."""
         return SteepestDirection(msign(g))
 
+    @property
+    def steepest_direction_warm_starts(self) -> bool:
+        return False  # a closed form
+
     def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         return self.point_shape(shape)  # each point is one matrix
 

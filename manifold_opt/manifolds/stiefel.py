@@ -161,6 +161,10 @@ class Stiefel(EmbeddedManifold):
             return self.project_tangent(x.mT, u.mT, out=out.mT).mT
         return subtract_product(u, x, sym(x.mH @ u), out=out)
 
+    @property
+    def steepest_direction_warm_starts(self) -> bool:
+        return False  # a closed form
+
     def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         return self.point_shape(shape)  # each point is one matrix
 

@@ -743,7 +743,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         mesh = params[0].device_mesh
         process_group = mesh.get_group()
         states = [self.state[p] for p in params]
-        names = [n for n in self._tangent_state_names(group) if all(n in state for state in states)]
+        names = [n for n in self._sharded_state_names(group, static.manifold) if all(n in state for state in states)]
         exchange = Exchange([p.shape for p in params], mesh.size(), mesh.get_local_rank(), 2 + len(names))
         local = [
             [t.to(static.dtype) for t in (p.to_local(), p.grad.to_local(), *(s[n].to_local() for n in names))]
@@ -776,7 +776,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if _projects_points(static.manifold):  # the owners projected their points (if off)
                 for state in states:
                     state[PROJECTED] = True
-            after = list(self._tangent_state_names(group))
+            after = list(self._sharded_state_names(group, static.manifold))
             for param, state in zip(params, states):
                 for name in after:
                     if name not in state:  # created by this step (e.g. SGD's first momentum buffer)
@@ -795,8 +795,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return _Pending(ok, commit, lambda: _describe("gradient or update", static.manifold, params))
 
     def _tangent_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """States in the parameter's layout after a step (sharded like the parameter under FSDP2)."""
+        """Tangent vectors kept in the parameter's layout (projected with their points)."""
         return ()
+
+    def _sharded_state_names(self, group: dict[str, Any], manifold: Manifold) -> tuple[str, ...]:
+        """Every state in the parameter's layout after a step of a parameter on ``manifold``
+        (sharded like the parameter under FSDP2): the tangent ones by default."""
+        return self._tangent_state_names(group)
 
     def _replicated_state_names(self, group: dict[str, Any], manifold: Manifold) -> tuple[str, ...]:
         """States of one number per point (or per parameter) of a manifold parameter."""

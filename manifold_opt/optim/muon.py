@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
 
 from ..manifolds import Euclidean, Manifold
-from ..manifolds.base import StepSize, Workspace, add_step
+from ..manifolds.base import StepSize, Workspace, add_step, unsupported_steepest_direction
 from ..manifolds.spectral import MUON_COEFFICIENTS, quintic_newton_schulz
 from .base import EUCLIDEAN, Bucket, BucketedOptimizer, BucketUpdate, StateWrite, all_finite, check_nonnegative
 from .plain import plain_implementation
@@ -40,6 +40,10 @@ class PlainMatrices(Manifold):
 
     def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return self._matrix_point_shape(shape)
+
+    @property
+    def steepest_direction_warm_starts(self) -> bool:
+        return False  # a closed form
 
     def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         return self.point_shape(shape)
@@ -221,10 +225,12 @@ class RiemannianMuon(BucketedOptimizer):
                 )
             return "adamw", EUCLIDEAN, 'group "algorithm": "adamw"'
         if on_manifold:
+            if not declared.steepest_direction_supported:
+                raise TypeError(unsupported_steepest_direction(declared, shape))
             return "muon", declared, "declared manifold"
         batch_dims = group.get("matrix_batch_dims", 0)
         if param.dim() - batch_dims >= 2 and param.numel() > 0:
-            manifold = PlainMatrices(batch_dims=batch_dims)
+            manifold = self._plain_matrices(batch_dims)
             why = 'group "algorithm": "muon"' if algorithm == "muon" else f"{param.dim()}-D"
             return "muon", manifold, why
         if algorithm == "muon":
@@ -234,6 +240,15 @@ class RiemannianMuon(BucketedOptimizer):
                 "algorithm 'auto' or 'adamw'"
             )
         return "adamw", EUCLIDEAN, f"{param.dim()}-D" if param.numel() else "empty"
+
+    def _plain_matrices(self, batch_dims: int) -> PlainMatrices:
+        """One :class:`PlainMatrices` per ``batch_dims``, made when a group is added (eagerly:
+        ``torch.compile`` cannot build one inside a traced step)."""
+        cache = self.__dict__.setdefault("_plain", {})
+        manifold = cache.get(batch_dims)
+        if manifold is None:
+            manifold = cache[batch_dims] = PlainMatrices(batch_dims=batch_dims)
+        return manifold
 
     def _manifold(self, group: dict[str, Any], param: Tensor) -> Manifold:
         return self._route(group, param)[1]
@@ -266,7 +281,12 @@ class RiemannianMuon(BucketedOptimizer):
         return "momentum_buffer" in state, "oracle_dual" in state
 
     def _tangent_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer", "oracle_dual")
+        # the buffer averages Euclidean gradients; projecting it onto the tangent space changes
+        # no direction (the oracle's value <u, A> sees only the tangent part of u)
+        return ("momentum_buffer",)
+
+    def _sharded_state_names(self, group: dict[str, Any], manifold: Manifold) -> tuple[str, ...]:
+        return ("momentum_buffer", "oracle_dual") if manifold.steepest_direction_warm_starts else ("momentum_buffer",)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, manifold: Manifold, dtype: torch.dtype) -> None:
         if not isinstance(manifold, Euclidean):

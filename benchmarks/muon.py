@@ -328,7 +328,10 @@ class Accuracy:
     iterations: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = f"{number(statistics.median(self.gaps))} [{number(max(self.gaps))}]"
+        finite = [v for v in self.gaps if math.isfinite(v)]
+        bad = len(self.gaps) - len(finite)
+        text = f"{number(statistics.median(finite))} [{number(max(finite))}]" if finite else "nan"
+        text += f" †{bad}" if bad else ""
         if self.iterations:
             text += f", {number(statistics.mean(self.iterations))} it."
         return text
@@ -349,13 +352,31 @@ def project(x: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def direction_value(x: Tensor, g: Tensor, direction: Tensor) -> float:
-    """<G, A>/||A||_2 for the tangent part A of ``direction`` (float64): a lower bound on the optimum."""
+    """<G, A>/||A||_2 for the tangent part A of ``direction`` (float64): a lower bound on the
+    optimum; NaN for a direction with non-finite entries (counted and reported as such)."""
+    if not torch.isfinite(direction).all():
+        return math.nan
     a = project(x)(direction.double())
     return float((g * a).sum() / torch.linalg.matrix_norm(a, ord=2).clamp(min=1e-300))
 
 
+def finite_median(values: Sequence[float]) -> float:
+    """Median of the finite values (NaN when there are none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def cell(values: Sequence[float]) -> str:
+    """A table cell: the median over draws of the finite gaps, with ``†n`` when n draws gave a
+    direction with non-finite entries."""
+    bad = sum(not math.isfinite(v) for v in values)
+    return f"{finite_median(values):.1e}" + (f" †{bad}" if bad else "")
+
+
 def dual_bound(x: Tensor, g: Tensor, dual: Tensor) -> float:
     """||Z||_* for Z = G - nu, nu the normal part of ``dual`` (float64): an upper bound on the optimum."""
+    if not torch.isfinite(dual).all():
+        return math.inf
     z = dual.double()
     z = z - project(x)(z) + project(x)(g)
     return float(torch.linalg.matrix_norm(z, ord="nuc"))
@@ -388,7 +409,8 @@ def bracket(x: Tensor, g: Tensor, values: Sequence[float], duals: Sequence[Tenso
     x, g = x.double(), g.double()
     lower, upper = admm_bound(x, g, iterations) if iterations else (-math.inf, math.inf)
     uppers = [upper, dual_bound(x, g, torch.zeros_like(g)), *(dual_bound(x, g, d) for d in duals)]
-    return Bracket(max(lower, *values), min(uppers))
+    finite = [v for v in values if math.isfinite(v)]
+    return Bracket(max(lower, *finite), min(u for u in uppers if math.isfinite(u)))
 
 
 def certificate_iterations(shape: Sequence[int]) -> int:
@@ -582,7 +604,8 @@ def step_cost_section(settings: Settings) -> tuple[str, str]:
         "dual-ascent iterations run. RiemannianMuon's is the direction of its fourth step on the fixed gradients (as "
         "timed); the reference's is its A = msign(G + 2WΛ) on the case's own point and gradient (it keeps no "
         "state). `certificates' slack`: the largest (best upper − best lower bound)/upper over the case's matrices: "
-        "gaps below it are not resolved. The reference's tolerance and step α = 0.01 are absolute, so its "
+        "gaps below it are not resolved; `†n`: n directions with non-finite entries. The reference's tolerance "
+        "and step α = 0.01 are absolute, so its "
         "accuracy depends on the gradient's scale (section 2).\n\n" + markdown_table(accuracy_rows)
     )
     return text, plot
@@ -656,6 +679,14 @@ def oracle_directions(method: str, x: Tensor, g: Tensor, iterations: int) -> tup
     return result.direction, result.dual
 
 
+def library_gap(x: Tensor, g: Tensor, iterations: int) -> float:
+    """``checks.steepest_direction_gap``; NaN where it raises on a non-finite direction (its SVD)."""
+    try:
+        return float(steepest_direction_gap(Stiefel(), x, g, tuple(x.shape), iterations=iterations))
+    except torch.linalg.LinAlgError:
+        return math.nan
+
+
 def oracle_case(x: Tensor, g: Tensor, iterations: Sequence[int]) -> tuple[dict[str, list[float]], float]:
     """Each method's gaps at each iteration count against the best certificate of (x, g), and its slack."""
     solvers = (ORACLE_LIBRARY, ORACLE_ADMM, ORACLE_REF, ORACLE_REF64)
@@ -670,9 +701,7 @@ def oracle_case(x: Tensor, g: Tensor, iterations: Sequence[int]) -> tuple[dict[s
     all_values = [v for vs in values.values() for v in vs]
     best = bracket(x, g, all_values, duals, CERTIFICATE_ITERATIONS)
     gaps = {m: [best.gap(v) for v in vs] for m, vs in values.items()}
-    gaps[ORACLE_LIBRARY_CHECK] = [
-        float(steepest_direction_gap(Stiefel(), x, g, tuple(x.shape), iterations=k)) for k in iterations
-    ]
+    gaps[ORACLE_LIBRARY_CHECK] = [library_gap(x, g, k) for k in iterations]
     return gaps, best.slack
 
 
@@ -692,7 +721,7 @@ def oracle_section(settings: Settings) -> tuple[str, str]:
         for method, values in case.items():
             gaps.setdefault((shape_class, kind, method), []).append(values)
     medians = {
-        key: [statistics.median(draws[i] for draws in values) for i in range(len(iterations))]
+        key: [finite_median([draws[i] for draws in values]) for i in range(len(iterations))]
         for key, values in gaps.items()
     }
     tables = []
@@ -701,7 +730,8 @@ def oracle_section(settings: Settings) -> tuple[str, str]:
         for kind in KINDS:
             for method in ORACLE_METHODS:
                 row = {"gradient": kind, "method": method}
-                row.update({str(k): f"{v:.1e}" for k, v in zip(iterations, medians[(shape_class, kind, method)])})
+                draws = gaps[(shape_class, kind, method)]
+                row.update({str(k): cell([d[i] for d in draws]) for i, k in enumerate(iterations)})
                 rows.append(row)
         tables.append(f"### {shape_class}: {label(shape)}\n\n" + markdown_table(rows))
 
@@ -724,7 +754,7 @@ def oracle_section(settings: Settings) -> tuple[str, str]:
                 results[m][c].append(best.gap(direction_value(x, g, direction)))
         for method, by_scale in results.items():
             row = {"shape": f"{shape_class}: {label(shape)}", "method": method}
-            row.update({f"‖G‖_F = {c:g}": f"{statistics.median(v):.1e}" for c, v in by_scale.items()})
+            row.update({f"‖G‖_F = {c:g}": cell(v) for c, v in by_scale.items()})
             scale_rows.append(row)
 
     plot = oracle_plot(medians, iterations, settings.suffix)
@@ -746,7 +776,8 @@ def oracle_section(settings: Settings) -> tuple[str, str]:
         "dual ascent, k iterations with its schedule α(1 − i/k), α = 0.01, and its tolerance 1e-6 (it may stop "
         "earlier), with its 10-step msign in bfloat16 as published or in float64 (its certificate is "
         "‖G + 2WΛ‖_* of the Λ that gave its last direction). The best certificates' slack (best upper − best "
-        f"lower bound, relative) is at most {max(slack):.1e} over all cases: gaps below it are not resolved.\n\n"
+        f"lower bound, relative) is at most {max(slack):.1e} over all cases: gaps below it are not resolved. `†n`: n "
+        "of the draws gave a direction with non-finite entries (left out of the median).\n\n"
         + "\n\n".join(tables)
         + f"\n\n![Relative gap against iterations](muon_oracle{settings.suffix}.png)\n\n"
         "### The gradient's scale\n\n"

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optim.base import TRACKING, TRACKING_AGE
+from ..optim.tracking import TRACKING, TRACKING_AGE
 
 STATE_KINDS = ("linear", "quadratic", "reset")
 

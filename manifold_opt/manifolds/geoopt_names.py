@@ -19,13 +19,10 @@ with the ``batch_dims`` the migration table gives, the two layouts are the same.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .base import Manifold
 
 
 def size_to_shape(*size: Any) -> tuple[int, ...]:
@@ -33,24 +30,6 @@ def size_to_shape(*size: Any) -> tuple[int, ...]:
     if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
         return tuple(size[0])
     return tuple(size)
-
-
-def _is_stiefel(manifold: object) -> bool:
-    from .stiefel import Stiefel  # stiefel.py imports base.py, which imports this module
-
-    return isinstance(manifold, Stiefel)
-
-
-def _stiefel_draw(
-    shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype | None, device: Any
-) -> Tensor | None:
-    """geoopt's Stiefel draw: ``Q`` of ``torch.linalg.qr`` of a Gaussian (of its transpose, wide)."""
-    if len(shape) < 2:
-        return None  # random_point raises the shape error
-    gaussian = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    if shape[-2] < shape[-1]:
-        return torch.linalg.qr(gaussian.mT)[0].mT
-    return torch.linalg.qr(gaussian)[0]
 
 
 class GeooptNames:
@@ -81,7 +60,7 @@ class GeooptNames:
     """
 
     def random(
-        self: Manifold,
+        self,
         *size: Any,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -95,29 +74,39 @@ class GeooptNames:
         Gaussian matrix (without :meth:`random_point`'s sign fix, which makes the draw Haar).
         The tensor carries ``.manifold = self``."""
         shape = size_to_shape(*size)
-        point = _stiefel_draw(shape, generator, dtype, device) if _is_stiefel(self) else None
-        if point is None:
-            point = self.random_point(shape, generator=generator, dtype=dtype, device=device)
+        point = self.geoopt_random_point(shape, generator=generator, dtype=dtype, device=device)
         point.manifold = self
         return point
 
-    def projx(self: Manifold, x: Tensor) -> Tensor:
+    def geoopt_random_point(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """The point :meth:`random` draws: geoopt's draw for this manifold, which is
+        :meth:`random_point` unless a manifold overrides it (``Stiefel``)."""
+        return self.random_point(shape, generator=generator, dtype=dtype, device=device)
+
+    def projx(self, x: Tensor) -> Tensor:
         """geoopt's ``projx``: :meth:`project`."""
         return self.project(x)
 
-    def proju(self: Manifold, x: Tensor, u: Tensor) -> Tensor:
+    def proju(self, x: Tensor, u: Tensor) -> Tensor:
         """geoopt's ``proju``: :meth:`project_tangent`."""
         return self.project_tangent(x, u)
 
-    def egrad2rgrad(self: Manifold, x: Tensor, u: Tensor) -> Tensor:
+    def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
         """geoopt's ``egrad2rgrad``: :meth:`riemannian_grad` of the Euclidean gradient ``u``."""
         return self.riemannian_grad(x, u)
 
-    def retr(self: Manifold, x: Tensor, u: Tensor) -> Tensor:
+    def retr(self, x: Tensor, u: Tensor) -> Tensor:
         """geoopt's ``retr``: :meth:`retract` ``(x, u)`` (with this manifold's retraction)."""
         return self.retract(x, u)
 
-    def expmap(self: Manifold, x: Tensor, u: Tensor) -> Tensor:
+    def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """geoopt's ``expmap``: the manifold's ``exp`` (Stiefel, Sphere, PSI, Euclidean).
 
         Raises:
@@ -128,16 +117,16 @@ class GeooptNames:
             raise NotImplementedError(f"{type(self).__name__} has no exponential map; use retr(x, u)")
         return exp(x, u)
 
-    def transp(self: Manifold, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """geoopt's ``transp``: :meth:`transport` of ``v`` from ``x`` to ``y``."""
         return self.transport(x, y, v)
 
-    def retr_transp(self: Manifold, x: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def retr_transp(self, x: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """geoopt's ``retr_transp``: ``y = retr(x, u)`` and ``v`` transported to ``y``."""
         return self.retract_transport(x, u, v)
 
     def check_point_on_manifold(
-        self: Manifold, x: Tensor, *, explain: bool = False, atol: float = 1e-5, rtol: float = 1e-5
+        self, x: Tensor, *, explain: bool = False, atol: float = 1e-5, rtol: float = 1e-5
     ) -> bool | tuple[bool, str | None]:
         """geoopt's ``check_point_on_manifold``: whether every point of ``x`` lies within ``atol``
         of the manifold as :meth:`distance_to_manifold` measures it (``rtol`` is accepted for
@@ -155,7 +144,7 @@ class GeooptNames:
             reason = None if ok else f"`x` lies {distance:.3g} off {self!r} (atol={atol})"
         return (ok, reason) if explain else ok
 
-    def assert_check_point_on_manifold(self: Manifold, x: Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    def assert_check_point_on_manifold(self, x: Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
         """geoopt's ``assert_check_point_on_manifold``: :meth:`check_point_on_manifold` or a ValueError."""
         ok, reason = self.check_point_on_manifold(x, explain=True, atol=atol, rtol=rtol)
         if not ok:

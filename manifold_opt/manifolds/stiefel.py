@@ -308,6 +308,24 @@ class Stiefel(EmbeddedManifold):
         gram = tall.mH @ tall
         return (gram - identity_like(gram)).abs().amax(dim=(-2, -1))
 
+    def geoopt_random_point(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """geoopt's ``EuclideanStiefel.random`` draw (what :meth:`random` returns): ``Q`` of
+        ``torch.linalg.qr`` of a Gaussian (of its transpose for wide shapes), without
+        :meth:`random_point`'s sign fix."""
+        if len(shape) < 2:
+            return self.random_point(shape, generator=generator, dtype=dtype, device=device)  # its shape error
+        gaussian = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        if shape[-2] < shape[-1]:
+            return torch.linalg.qr(gaussian.mT)[0].mT
+        return torch.linalg.qr(gaussian)[0]
+
     def random_point(
         self,
         shape: Sequence[int],

@@ -13,23 +13,11 @@ from torch.optim.adam import adam as torch_adam
 from ..manifolds import Euclidean, Manifold
 from ..manifolds.base import Workspace
 from ..manifolds.linalg import all_finite_small
-from .base import (
-    Bucket,
-    BucketedOptimizer,
-    BucketUpdate,
-    StateWrite,
-    all_finite,
-    check_nonnegative,
-    check_stabilize,
-    flat_base,
-    mark_flat,
-    state_dtype,
-    tracking_inputs,
-    tracking_key,
-    tracking_outputs,
-)
+from .base import BucketedOptimizer, check_nonnegative, check_stabilize
+from .buckets import Bucket, BucketUpdate, StateWrite, all_finite, flat_base, mark_flat, state_dtype
 from .functional import adam_update
 from .plain import check_implementation_options, plain_implementation
+from .tracking import tracking_inputs, tracking_key, tracking_outputs
 
 FUSED_KERNEL = "_fused_adam_"
 

@@ -22,18 +22,27 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from ..manifolds import Euclidean, GeooptManifold, Manifold, from_geoopt, is_geoopt_manifold
-from ..manifolds.base import Workspace, manifold_from_spec, manifold_spec
+from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
+from ..manifolds.base import Workspace
 from ..manifolds.linalg import real_dtype
 from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
+from .buckets import (
+    Bucket,
+    BucketUpdate,
+    all_finite,
+    geometry_dtype,
+    grads_finite,
+)
+from .checkpoints import Checkpoints
 from .functional import keep_on_manifold
+from .projection import PROJECTED, mark_written, needs_projection, projects_points
 from .sharded import (
     Exchange,
     LocalShards,
@@ -44,6 +53,10 @@ from .sharded import (
     gather_to_owners,
     is_sharded,
     scatter_from_owners,
+)
+from .tracking import (
+    TRACKING,
+    tracking_from_data,
 )
 
 EUCLIDEAN = Euclidean()
@@ -89,342 +102,6 @@ class _StaticKey:
         )
 
 
-def geometry_dtype(manifold: Manifold, dtype: torch.dtype) -> torch.dtype:
-    """Half-precision points are stepped in float32 (complex32 in complex64: QR, SVD and eigh
-    have no half kernels); elementwise (Euclidean) parameters keep their dtype, as in
-    ``torch.optim``."""
-    if manifold.point_ndim > 0 and dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    if manifold.point_ndim > 0 and dtype == torch.complex32:
-        return torch.complex64
-    return dtype
-
-
-# The layout of a state in a bucket: "tangent" (like the points), "scalar" (one number per
-# point) or a tuple (the trailing shape of one point's entry, e.g. (p, p)).
-Layout = str | tuple[int, ...]
-
-
-def state_dtype(dtype: torch.dtype, layout: Layout) -> torch.dtype:
-    """The dtype of a state of this layout for points of geometry dtype ``dtype``: per-point
-    numbers (``"scalar"``, e.g. Adam's second moment, an inner product) are real, also for
-    complex points."""
-    return real_dtype(dtype) if layout == "scalar" else dtype
-
-
-@dataclass
-class Bucket:
-    """Parameters stepped together, in the points layout.
-
-    ``x`` and ``grad`` are ``(num_points, *point_shape)`` tensors in the geometry dtype:
-    views of the parameter and its gradient when the bucket holds one contiguous
-    parameter of that dtype (nothing is copied), else stacked copies (one ``cat`` each).
-    """
-
-    manifold: Manifold
-    point_shape: tuple[int, ...]
-    dtype: torch.dtype
-    params: list[Tensor]
-    states: list[dict[str, Any]]
-    # lends the buffers that stacked points and gradients are copied into (never states,
-    # which become pieces of their stacked copy)
-    workspace: Workspace | None = None
-    x: Tensor = field(init=False)
-    grad: Tensor = field(init=False)
-    _x_is_view: bool = field(init=False)
-    _old: dict[str, tuple[Tensor, bool]] = field(init=False, default_factory=dict)
-    _replaced: dict[str, Tensor] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        first = self.params[0].shape
-        self.same_shapes = all(p.shape == first for p in self.params)
-        self.x, self._x_is_view = self._points(self.params, "tangent", "bucket_x")  # steps run under no_grad
-        self.grad, _ = self._points([p.grad for p in self.params], "tangent", "bucket_grad")
-
-    def _trailing(self, layout: Layout) -> tuple[int, ...]:
-        if layout == "tangent":
-            return self.point_shape
-        if layout == "scalar":
-            return (1,) * self.manifold.point_ndim
-        return tuple(layout)
-
-    def _points(self, tensors: list[Tensor], layout: Layout, scratch: str | None = None) -> tuple[Tensor, bool]:
-        """The tensors in the points layout: a view when they are one tensor or the pieces of
-        one buffer, else a stacked copy (into the workspace's buffer ``scratch`` if named)."""
-        shape = self._trailing(layout)
-        dtype = state_dtype(self.dtype, layout)
-        if len(tensors) == 1:
-            tensor = tensors[0]
-            if tensor.dtype == dtype and tensor.is_contiguous():
-                return tensor.view(-1, *shape), True
-            return tensor.to(dtype).reshape(-1, *shape), False
-        base = flat_base(tensors)
-        if base is not None and base.dtype == dtype:  # states stored as pieces of one buffer
-            return base.view(-1, *shape), True
-        out = None
-        if scratch is not None and self.workspace is not None and all(t.dtype == dtype for t in tensors):
-            size = sum(t.numel() for t in tensors)
-            out = self.workspace.empty(scratch, (size,), dtype, tensors[0].device)
-        if self.same_shapes:  # one stack, no per-tensor reshape
-            if out is not None:
-                return torch.stack(tensors, out=out.view(len(tensors), *tensors[0].shape)).view(-1, *shape), False
-            return torch.stack(tensors).to(dtype).view(-1, *shape), False
-        if out is not None:
-            return torch.cat([t.reshape(-1) for t in tensors], out=out).view(-1, *shape), False
-        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).view(-1, *shape), False
-
-    def state(self, name: str, layout: Layout = "tangent") -> Tensor | None:
-        """A state of every parameter in the points layout (``(num_points, *trailing)``), or
-        None before it exists. ``layout="stored"`` takes the trailing shape from the tensors."""
-        if name in self._replaced:
-            return self._replaced[name]
-        values = [state.get(name) for state in self.states]
-        if any(value is None for value in values):
-            return None
-        if layout == "stored":
-            layout = tuple(values[0].shape[len(self.manifold.batch_shape(self.params[0].shape)) :])
-        self._old[name] = self._points(values, layout)
-        return self._old[name][0]
-
-    def replace(self, x: Tensor, states: dict[str, Tensor]) -> None:
-        """Step from ``x`` and ``states`` (new tensors in the points layout, e.g. the points
-        projected onto the manifold) instead of the stored values; they are written back
-        with the step's results, and stay where the step is not taken."""
-        self.x, self._x_is_view = x, False
-        for name, value in states.items():
-            self._replaced[name] = value
-            self._old[name] = (value, False)
-
-    def write_params(self, new: Tensor, ok: Tensor) -> None:
-        """Store the new points where ``ok`` (a 0-dim bool tensor); elsewhere nothing changes."""
-        _write(list(self.params), self.x, self._x_is_view, new, ok, self.same_shapes)
-
-    def write_state(self, write: StateWrite, ok: Tensor) -> None:
-        """Store a new state where ``ok``. A state written for the first time is created, with
-        ``write.fallback`` (zeros by default) where not ``ok``."""
-        name, new = write.name, write.value
-        targets = [state.get(name) for state in self.states]
-        if any(target is None for target in targets):
-            fallback = write.fallback if write.fallback is not None else torch.zeros((), dtype=new.dtype)
-            fresh = torch.where(ok, new, fallback.to(new.device))
-            if len(self.params) == 1:
-                self.states[0][name] = fresh.reshape(self._shape(self.params[0], write.layout))
-            else:
-                self._store_pieces(name, fresh, write.layout)
-            return
-        old, is_view = self._old[name] if name in self._old else self._points(targets, write.layout)
-        if is_view or torch.compiler.is_compiling():
-            _write(targets, old, is_view, new, ok, self.same_shapes)
-            return
-        if new is not old:
-            select(old, new, ok)
-        # ``old`` is this step's own stacked copy: the states become its pieces, so the next
-        # step finds them in one buffer and neither stacks nor copies back
-        self._store_pieces(name, old, write.layout)
-
-    def _store_pieces(self, name: str, buffer: Tensor, layout: Layout) -> None:
-        """``state[name]`` of every parameter := its piece (a view) of the contiguous ``buffer``."""
-        trailing = math.prod(self._trailing(layout))
-        sizes = [self._batch_numel(p) * trailing for p in self.params]
-        pieces = [
-            piece.view(self._shape(param, layout))
-            for param, piece in zip(self.params, torch.split(buffer.reshape(-1), sizes))
-        ]
-        for state, piece in zip(self.states, pieces):
-            state[name] = piece
-        mark_flat(pieces)
-
-    def drop_state(self, name: str) -> None:
-        for state in self.states:
-            state.pop(name, None)
-
-    def _batch_numel(self, param: Tensor) -> int:
-        return math.prod(param.shape) // math.prod(self.point_shape)
-
-    def _shape(self, param: Tensor, layout: Layout) -> tuple[int, ...]:
-        if layout == "tangent":
-            return tuple(param.shape)
-        batch = self.manifold.batch_shape(param.shape)
-        return tuple(batch) if layout == "scalar" else (*batch, *layout)
-
-
-def mark_flat(pieces: list[Tensor]) -> None:
-    """Record that ``pieces`` (views, in order) tile their common base; see :func:`flat_base`."""
-    pieces[0]._base._flat_piece_ids = tuple(map(id, pieces))
-
-
-def flat_base(tensors: list[Tensor]) -> Tensor | None:
-    """The contiguous buffer ``tensors`` are the pieces of, in order (as stored by
-    :func:`mark_flat`), or None. Stacking the tensors would copy exactly that buffer."""
-    base = tensors[0]._base
-    if base is None:
-        return None
-    ids = getattr(base, "_flat_piece_ids", None)
-    if ids is None or len(ids) != len(tensors) or any(t._base is not base for t in tensors):
-        return None
-    return base if tuple(map(id, tensors)) == ids else None
-
-
-def select(old: Tensor, new: Tensor, ok: Tensor) -> Tensor:
-    """``old <- new`` where ``ok`` (a 0-dim bool), in place, exactly, NaN-safe.
-
-    ``new`` (scratch) is cleaned of NaN/Inf first, then ``old.lerp_(new, ok)``: weight 1 gives
-    ``new`` and weight 0 gives ``old`` bit for bit (up to the sign of a zero), for values below
-    half the dtype's maximum. Two fast passes; ``torch.where`` is three times slower on CPUs.
-    """
-    torch.nan_to_num_(new, nan=0.0, posinf=0.0, neginf=0.0)
-    return old.lerp_(new, ok.to(old.dtype))
-
-
-def _write(targets: list[Tensor], old: Tensor, old_is_view: bool, new: Tensor, ok: Tensor, same_shapes: bool) -> None:
-    if torch.compiler.is_compiling():
-        # functional selection copied into the stored tensors themselves: AOT autograd cannot
-        # merge mutated inputs that are views of one another (a parameter and its points view)
-        pieces = torch.split(torch.where(ok, new, old).reshape(-1), [t.numel() for t in targets])
-        for target, piece in zip(targets, pieces):
-            target.copy_(piece.view_as(target))
-        return
-    if new is not old:  # else the update was written into the bucket's own tensor already
-        select(old, new, ok)
-    if old_is_view:
-        return
-    if same_shapes:
-        torch._foreach_copy_(targets, list(old.view(len(targets), *targets[0].shape).unbind(0)))
-        return
-    pieces = torch.split(old.reshape(-1), [t.numel() for t in targets])
-    torch._foreach_copy_(targets, [piece.view_as(t) for piece, t in zip(pieces, targets)])
-
-
-@dataclass
-class StateWrite:
-    """A new state of a bucket (points layout ``(num_points, *trailing)``; see ``Layout``), and
-    what to store where the step is skipped when the state does not exist yet."""
-
-    name: str
-    value: Tensor
-    layout: Layout = "tangent"
-    fallback: Tensor | None = None
-
-
-@dataclass
-class BucketUpdate:
-    """The new values of a bucket, computed without touching the stored ones.
-
-    ``x``: new points; ``states``: new states; ``ok``: a 0-dim bool tensor, False when
-    anything came out non-finite (then nothing is written); ``drop`` (states to delete) and
-    ``on_commit`` are host-side bookkeeping, done when the bucket is written whatever ``ok`` is.
-    """
-
-    x: Tensor
-    states: list[StateWrite]
-    ok: Tensor
-    drop: tuple[str, ...] = ()
-    on_commit: Callable[[], None] | None = None
-
-
-# A manifold's tracking state (see Manifold.momentum_step) is stored as "<momentum>_xtm" and
-# rebuilt from the data every TRACKING_REFRESH_EVERY steps ("<momentum>_xtm_age" counts them
-# on the host), which bounds the rounding drift of the algebra it replaces products with.
-TRACKING = "_xtm"
-TRACKING_AGE = "_xtm_age"
-TRACKING_REFRESH_EVERY = 4
-
-
-_TRACKING_NAMES = {m: (m + TRACKING, m + TRACKING_AGE) for m in ("exp_avg", "momentum_buffer")}
-
-# Set in the state of a manifold parameter by every committed step: the parameter's version
-# counter after the step wrote it (torch counts every in-place write to a tensor and its
-# views; host metadata, no device read). A step whose parameters lack it (before their first
-# step, after ``add_param_group``: no state yet; after ``load_state_dict``: it is never saved)
-# or carry another count (something wrote into them since: ``copy_`` under ``no_grad``, a
-# module's ``load_state_dict``) first projects the points that are off the manifold (see
-# ``BucketedOptimizer._onto_manifold``). Writes through ``.data`` (``p.data = t``,
-# ``p.data.mul_(2)``) are not counted. Under torch.compile it is ``True`` and only its
-# absence counts.
-PROJECTED = "points_projected"
-
-
-def _needs_projection(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
-    """Whether a bucket's step starts by projecting its points (see ``PROJECTED``)."""
-    if torch.compiler.is_compiling():
-        return not all(PROJECTED in state for state in states)
-    with torch._C.DisableTorchFunctionSubclass():  # a subclass's __torch_function__ costs 0.2 us per read
-        return any(state.get(PROJECTED) != p._version for p, state in zip(params, states))
-
-
-def _mark_written(params: list[Tensor], states: list[dict[str, Any]]) -> None:
-    if torch.compiler.is_compiling():
-        for state in states:
-            state[PROJECTED] = True
-        return
-    with torch._C.DisableTorchFunctionSubclass():
-        for param, state in zip(params, states):
-            state[PROJECTED] = param._version
-
-
-def _tracking_from_data(x: Tensor, m: Tensor) -> Tensor:
-    """A Stiefel tracking state formed from the data: ``E = X^H m`` on the tall orientation
-    (``p x p`` per point, see :meth:`~manifold_opt.manifolds.Stiefel.momentum_step`)."""
-    if x.shape[-2] < x.shape[-1]:
-        x, m = x.mT, m.mT
-    return x.mH @ m
-
-
-def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
-    """(tracking state present, refresh due): part of a bucket key, so a bucket agrees on both."""
-    name, age = _TRACKING_NAMES[momentum]
-    return name in state, state.get(age, 0) >= TRACKING_REFRESH_EVERY
-
-
-def tracking_inputs(bucket: Bucket, momentum: str) -> tuple[Tensor | None, bool]:
-    """The stacked tracking state of a bucket (or None) and whether to rebuild it this step.
-
-    Under ``torch.compile`` the state is rebuilt at every step: a host counter that changes
-    every step would change the compiled graph's guards."""
-    if torch.compiler.is_compiling():
-        return bucket.state(momentum + TRACKING, "stored"), True
-    refresh = bucket.states[0].get(momentum + TRACKING_AGE, 0) >= TRACKING_REFRESH_EVERY
-    return bucket.state(momentum + TRACKING, "stored"), refresh
-
-
-def tracking_outputs(
-    bucket: Bucket, momentum: str, tracking: Tensor | None, used: Tensor | None, refreshed: bool
-) -> tuple[list[StateWrite], tuple[str, ...], Callable[[], None] | None]:
-    """Writes, deletions and host bookkeeping for a new tracking state (``used``: the one the
-    step started from, kept where the step is skipped; ``refreshed``: this step was asked to
-    rebuild it, which restarts its age)."""
-    name, age = momentum + TRACKING, momentum + TRACKING_AGE
-    if tracking is None:
-        if not any(age in state for state in bucket.states):
-            return [], (), None  # the manifold keeps none
-
-        def reset() -> None:
-            for state in bucket.states:
-                state[age] = 0
-
-        return [], (name,), reset
-
-    def advance() -> None:
-        for state in bucket.states:
-            state[age] = 0 if refreshed else state.get(age, 0) + 1
-
-    return [StateWrite(name, tracking, tuple(tracking.shape[1:]), used)], (), advance
-
-
-def all_finite(*tensors: Tensor) -> Tensor:
-    """A 0-dim bool tensor: every entry of every tensor is finite. One reduction each: a sum
-    is non-finite iff an entry is (or the sum overflows, at values near the dtype's maximum)."""
-    flags = [torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))) for t in tensors]
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
-
-
-def grads_finite(grads: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor: every gradient is finite and its square sums do not overflow
-    (``torch._foreach_norm``: one fused reduction over the list)."""
-    norms = torch._foreach_norm(grads)
-    return torch.isfinite(torch.stack(norms)).all() if len(norms) > 1 else torch.isfinite(norms[0])
-
-
 @dataclass
 class _Pending:
     """A computed bucket, not yet written (``nonfinite="raise"`` writes after one check)."""
@@ -434,7 +111,7 @@ class _Pending:
     describe: Callable[[], str]
 
 
-class BucketedOptimizer(torch.optim.Optimizer):
+class BucketedOptimizer(Checkpoints):
     """Base class: ``torch.optim.Optimizer`` conventions with one batched update per bucket.
 
     Subclasses implement :meth:`_step_bucket` (a bucket of points on a manifold),
@@ -479,6 +156,19 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self._static_ids: dict[tuple[Any, ...], int] = {}
         self._stabilize_counts: dict[int, int] = {}
         super().__init__(params, defaults)
+
+    _NOT_PICKLED = ("_workspace", "_static_keys", "_static_ids")  # caches, rebuilt on demand
+
+    def _rebuild_caches(self) -> None:
+        self._workspace = Workspace()
+        self._static_keys = {}
+        self._static_ids = {}
+        self.__dict__.setdefault("_stabilize_counts", {})
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("reprojected_points", 0)
+        self.__dict__.setdefault("_skipped", {})
+        self.__dict__.setdefault("_skipped_steps", {})
+        self.__dict__.setdefault("_step_skips", [])
 
     @property
     def skipped_steps(self) -> int:
@@ -609,7 +299,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     param.copy_(manifold.from_points(x, param.shape))
                     state = self.state.get(param, {})
                     if PROJECTED in state:  # its own write
-                        _mark_written([param], [state])
+                        mark_written([param], [state])
                     for name in self._tangent_state_names(group):
                         if isinstance(state.get(name), Tensor):
                             tangent = manifold.project_tangent(x, manifold.to_points(state[name]).to(x.dtype))
@@ -684,9 +374,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         else:
             workspace = self._workspace if self.nonfinite == "skip" else Workspace()
         bucket = Bucket(manifold, point_shape, dtype, params, states, workspace)
-        projects = _projects_points(manifold)
+        projects = projects_points(manifold)
         if fresh is None:
-            fresh = projects and _needs_projection(params, states)
+            fresh = projects and needs_projection(params, states)
         if fresh:
             self._onto_manifold(group, bucket)
         update = self._step_bucket(group, bucket, workspace)
@@ -703,7 +393,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if update.on_commit is not None:
                 update.on_commit()
             if projects:
-                _mark_written(params, states)
+                mark_written(params, states)
             self._bucket_committed(bucket, update.ok)
             self._count_skip(~update.ok)
 
@@ -732,7 +422,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             tracking = bucket.state(name + TRACKING, "stored")
             if tracking is not None:
                 off_small = off.reshape(-1, *(1,) * (tracking.dim() - 1))
-                states[name + TRACKING] = torch.where(off_small, _tracking_from_data(y, m), tracking)
+                states[name + TRACKING] = torch.where(off_small, tracking_from_data(y, m), tracking)
         bucket.replace(y, states)
 
     def _sharded_manifold_bucket(self, group: dict[str, Any], static: _StaticKey, params: list[Tensor]) -> _Pending:
@@ -761,7 +451,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             whole_states.append(state)
         inner = None
         # each rank's own record: the whole matrices are new tensors at every step
-        fresh = _projects_points(static.manifold) and not all(PROJECTED in state for state in states)
+        fresh = projects_points(static.manifold) and not all(PROJECTED in state for state in states)
         if owned:
             inner = self._manifold_bucket(
                 group, static.manifold, static.point_shape, static.dtype, whole_params, whole_states, fresh
@@ -773,7 +463,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         def commit() -> None:
             if inner is not None:
                 inner.commit()
-            if _projects_points(static.manifold):  # the owners projected their points (if off)
+            if projects_points(static.manifold):  # the owners projected their points (if off)
                 for state in states:
                     state[PROJECTED] = True
             after = list(self._sharded_state_names(group, static.manifold))
@@ -867,52 +557,6 @@ class BucketedOptimizer(torch.optim.Optimizer):
         skipped = flags[0] if len(flags) == 1 else torch.stack([flag.to(device) for flag in flags]).any()
         _add_to_counter(self._skipped_steps, skipped)
 
-    # ----------------------------------------------------------- checkpoints
-    # caches rebuilt on demand; torch.optim's hooks are not pickled (as in torch.optim)
-    _NOT_PICKLED = ("_workspace", "_static_keys", "_static_ids")  # rebuilt by __setstate__
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Everything but caches and hooks, so that ``copy.deepcopy`` and pickling keep every
-        attribute (``nonfinite``, the counters, subclass settings), as torch's tests require."""
-        return {
-            key: value
-            for key, value in self.__dict__.items()
-            if key not in self._NOT_PICKLED and not (key.startswith("_optimizer_") and key.endswith("_hooks"))
-        }
-
-    # hyperparameters added after a group's keys were first saved: what an older checkpoint
-    # without them meant (as torch.optim's __setstate__ does)
-    _GROUP_KEYS_OF_OLDER_CHECKPOINTS: ClassVar[dict[str, Any]] = {
-        "maximize": False,
-        "foreach": None,
-        "fused": None,
-        "differentiable": False,
-        "amsgrad": False,
-        "nesterov": False,
-        "capturable": False,
-        "stabilize": None,
-    }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self._GROUP_KEYS_OF_OLDER_CHECKPOINTS.items():
-                if key in self.defaults:
-                    group.setdefault(key, value)
-            for param in group["params"]:  # steps saved as Python numbers (old torch.optim)
-                state = self.state.get(param)
-                if state and "step" in state and not isinstance(state["step"], Tensor):
-                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=param.device)
-        self._workspace = Workspace()
-        self._static_keys = {}
-        self._static_ids = {}
-        self.__dict__.setdefault("_stabilize_counts", {})
-        self.__dict__.setdefault("nonfinite", "skip")
-        self.__dict__.setdefault("reprojected_points", 0)
-        self.__dict__.setdefault("_skipped", {})
-        self.__dict__.setdefault("_skipped_steps", {})
-        self.__dict__.setdefault("_step_skips", [])
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; a ``"manifold"`` key declares the
         manifold of every tensor of the group (a :class:`~manifold_opt.manifolds.Manifold`
@@ -938,118 +582,6 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 projected = _onto_manifold_when_loaded(value, group["manifold"], quiet=True, what="a param group")
                 if projected is not value:
                     target.copy_(projected[start:end] if is_sharded(param) else projected)
-
-    def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim``; a group's ``"manifold"`` is saved as plain data (a dict naming
-        the class and its fields), so the checkpoint loads with ``weights_only=True``."""
-        state_dict = super().state_dict()
-        state_dict["state"] = {
-            index: {k: v for k, v in state.items() if k != PROJECTED} if PROJECTED in state else state
-            for index, state in state_dict["state"].items()
-        }
-        for group in state_dict["param_groups"]:
-            if isinstance(group.get("manifold"), Manifold):
-                group["manifold"] = manifold_spec(group["manifold"])
-        return state_dict
-
-    def _manifolds_from_checkpoint(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """``state_dict`` with each group's manifold as a Manifold: the saved one (from its
-        plain-data form), or this optimizer's where the checkpoint declares none."""
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            return state_dict  # torch's own error follows
-        groups = []
-        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            saved = dict(saved)
-            ours, theirs = group.get("manifold"), saved.get("manifold")
-            if isinstance(theirs, dict):
-                theirs = manifold_from_spec(theirs)
-            if theirs is None and ours is not None:
-                theirs = ours
-            elif ours is not None and theirs != ours:
-                raise ValueError(
-                    f"load_state_dict: param group {index} declares {ours!r} but the checkpoint declares {theirs!r}; "
-                    "nothing was loaded"
-                )
-            if theirs is not None:
-                saved["manifold"] = theirs
-            groups.append(saved)
-        return {**state_dict, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, with every state tensor checked against
-        its parameter first (a checkpoint of another model raises a ValueError naming the
-        parameter, and nothing is loaded). Floating-point state is cast as torch does, to the
-        parameter's dtype, except that half-precision manifold parameters keep float32
-        state (their geometry dtype); step counts stay where this optimizer keeps them."""
-        state_dict = self._manifolds_from_checkpoint(state_dict)
-        groups = self.param_groups
-        saved_groups = state_dict.get("param_groups", [])
-        if len(groups) == len(saved_groups):  # else torch's own error below
-            for group, saved in zip(groups, saved_groups):
-                for index, param in zip(saved["params"], group["params"]):
-                    for key, value in state_dict["state"].get(index, {}).items():
-                        if isinstance(value, Tensor):
-                            self._check_loaded_state(saved, param, index, key, value)
-        super().load_state_dict(state_dict)
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            for index, param in zip(saved["params"], group["params"]):
-                self._cast_loaded_state(group, param, state_dict["state"].get(index, {}))
-
-    def _cast_loaded_state(self, group: dict[str, Any], param: Tensor, saved: dict[str, Any]) -> None:
-        manifold = self._manifold(group, param)
-        dtype = geometry_dtype(manifold, param.dtype)
-        state = self.state[param]
-        for key, value in saved.items():
-            if not isinstance(value, Tensor):
-                continue
-            if key != "step" and value.is_floating_point():  # real state of a complex point stays real
-                state[key] = value.to(device=param.device, dtype=real_dtype(dtype), copy=True)
-            elif key != "step" and value.is_complex() and not isinstance(manifold, Euclidean):
-                state[key] = value.to(device=param.device, dtype=dtype, copy=True)
-            elif state.get(key) is value:  # a loaded state_dict is never written by later steps
-                state[key] = value.clone()
-
-    def _check_loaded_state(self, group: dict[str, Any], param: Tensor, index: Any, key: str, value: Tensor) -> None:
-        """Raise a ValueError unless ``value`` can be ``state[key]`` of ``param`` (in ``group``)."""
-        manifold = self._manifold(group, param)
-        batch = tuple(param.shape) if isinstance(manifold, Euclidean) else manifold.batch_shape(param.shape)
-        expected: tuple[int, ...] | None = None
-        if key in ("momentum_buffer", "exp_avg"):
-            expected = tuple(param.shape)
-        elif key in ("exp_avg_sq", "max_exp_avg_sq"):
-            expected = tuple(param.shape) if manifold.second_moment_layout == "tangent" else batch
-        elif key == "step":
-            expected = ()
-        shape = tuple(value.shape)
-        if key.endswith(TRACKING):  # (*batch, p, p)
-            fits = shape[: len(batch)] == batch and len(shape) == len(batch) + 2 and shape[-1] == shape[-2]
-        else:
-            fits = expected is None or shape == expected or (key == "step" and value.numel() == 1)
-        per_entry = key in ("exp_avg_sq", "max_exp_avg_sq") and expected == batch and shape == tuple(param.shape)
-        if not fits and per_entry:
-            raise ValueError(
-                f"load_state_dict: state {key!r} of saved parameter {index} has shape {shape}, one second moment "
-                f"per entry (as torch.optim.Adam keeps it), but {type(self).__name__} keeps one per point of "
-                f"{manifold!r} for this parameter of shape {tuple(param.shape)} (expected shape {batch}): the "
-                "checkpoint was saved by a coordinate-wise Adam. To start from it, pass "
-                "load_state_dict(state_dict, second_moments='sum'), which sums each point's entries (the squared "
-                "norm of the Euclidean gradient's running average); nothing was loaded"
-            )
-        if not fits:
-            raise ValueError(
-                f"load_state_dict: state {key!r} of saved parameter {index} has shape {shape}, but the parameter "
-                f"it loads into has shape {tuple(param.shape)} on {manifold!r} (expected "
-                f"{expected if expected is not None else 'a matching shape'}): the state_dict was saved for "
-                "another model or another order of parameters; nothing was loaded"
-            )
-
-
-def _projects_points(manifold: Manifold) -> bool:
-    """Whether a bucket's first step projects its points (see ``BucketedOptimizer._onto_manifold``):
-    every manifold of the package but Euclidean; geoopt's other manifolds are stepped as
-    geoopt steps them."""
-    return not isinstance(manifold, (Euclidean, GeooptManifold))
 
 
 def _add_to_counter(counters: dict[torch.device, Tensor], flag: Tensor) -> None:

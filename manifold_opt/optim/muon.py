@@ -14,7 +14,8 @@ from torch.optim.adamw import adamw as torch_adamw
 from ..manifolds import Euclidean, Manifold
 from ..manifolds.base import StepSize, Workspace, add_step, unsupported_steepest_direction
 from ..manifolds.spectral import MUON_COEFFICIENTS, quintic_newton_schulz
-from .base import EUCLIDEAN, Bucket, BucketedOptimizer, BucketUpdate, StateWrite, all_finite, check_nonnegative
+from .base import EUCLIDEAN, BucketedOptimizer, check_nonnegative
+from .buckets import Bucket, BucketUpdate, StateWrite, all_finite
 from .plain import plain_implementation
 
 ALGORITHMS = ("auto", "muon", "adamw")

@@ -14,7 +14,8 @@ from .._compiler import apply_compiler_disable, compiler_disable
 from ..manifolds import Manifold
 from ..manifolds.base import Workspace
 from ..manifolds.psi import PSI
-from .base import EUCLIDEAN, Bucket, BucketUpdate, check_nonnegative
+from .base import EUCLIDEAN, check_nonnegative
+from .buckets import Bucket, BucketUpdate
 from .psi_detection import gather_statistics
 from .sgd import RiemannianSGD
 from .sharded import is_sharded

@@ -10,20 +10,11 @@ from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
 from ..manifolds.base import Workspace
-from .base import (
-    Bucket,
-    BucketedOptimizer,
-    BucketUpdate,
-    StateWrite,
-    all_finite,
-    check_nonnegative,
-    check_stabilize,
-    tracking_inputs,
-    tracking_key,
-    tracking_outputs,
-)
+from .base import BucketedOptimizer, check_nonnegative, check_stabilize
+from .buckets import Bucket, BucketUpdate, StateWrite, all_finite
 from .functional import sgd_update
 from .plain import check_implementation_options, plain_implementation
+from .tracking import tracking_inputs, tracking_key, tracking_outputs
 
 MOMENTUM_INITS = ("torch", "geoopt")
 FUSED_KERNEL = "_fused_sgd_"

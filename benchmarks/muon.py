@@ -908,9 +908,9 @@ def selected(lr: float, runs: Sequence[Run]) -> str:
 
 # ---------------------------------------------------------------------------- 3: digits MLP
 MLP_METHODS = {
-    "AdamW": (3e-4, 1e-3, 3e-3, 1e-2),
-    "torch.optim.Muon + AdamW": (0.003, 0.01, 0.03, 0.1),
-    "RiemannianAdam, Stiefel hidden": (1e-3, 3e-3, 1e-2, 3e-2),
+    "AdamW": (1e-3, 3e-3, 1e-2, 3e-2),
+    "torch.optim.Muon + AdamW": (3e-4, 1e-3, 3e-3, 1e-2),
+    "RiemannianAdam, Stiefel hidden": (3e-3, 1e-2, 3e-2, 0.1),
     "RiemannianMuon, Stiefel hidden (manifold Muon)": (0.01, 0.03, 0.1, 0.3),
 }
 
@@ -1101,9 +1101,9 @@ def curves_plot(final: dict[str, list[Run]], name: str, title: str) -> str:
 
 # ---------------------------------------------------------------------------- 4: Shakespeare transformer
 TRANSFORMER_METHODS = {
-    "AdamW": (1e-3, 3e-3, 1e-2),
-    "Muon (RiemannianMuon, plain matrices)": (0.01, 0.03, 0.1),
-    "manifold Muon (RiemannianMuon, Stiefel matrices)": (0.01, 0.03, 0.1),
+    "AdamW": (3e-3, 1e-2, 3e-2),
+    "Muon (RiemannianMuon, plain matrices)": (0.03, 0.1, 0.3),
+    "manifold Muon (RiemannianMuon, Stiefel matrices)": (0.03, 0.1, 0.3),
 }
 CONTEXT, WIDTH, LAYERS, HEADS, BATCH = 64, 64, 2, 4, 32
 

@@ -107,8 +107,8 @@ def stiefel_steepest_direction(x: Tensor, g: Tensor, steps: int = MSIGN_STEPS) -
     :math:`C = X^\mathsf{H} G`: for :math:`n > 2p` it is computed there, as the skew
     :math:`2p \times 2p` matrix :math:`\begin{bmatrix} S & -R^\mathsf{H}/2 \\ R/2 & 0\end{bmatrix}`
     with :math:`S = \operatorname{skew}(C)` and :math:`R^\mathsf{H} R = \hat G^\mathsf{H}\hat G
-    + \delta I` (Cholesky; :math:`\delta` = 8 eps times its mean eigenvalue, so a
-    rank-deficient :math:`\hat G` works), and
+    + \delta I` (Cholesky in double precision, :math:`\delta` = 64 double eps times its mean
+    eigenvalue, so a rank-deficient :math:`\hat G` works), and
     :math:`A^\star = X\,\operatorname{skew}(Q_{11}) + \hat G R^{-1} Q_{21}` from
     :math:`Q = \operatorname{msign}` of it; for :math:`n \le 2p`, as the :math:`n \times n`
     matrix itself. Matrix products, one Cholesky factor and one triangular solve of
@@ -121,18 +121,25 @@ def stiefel_steepest_direction(x: Tensor, g: Tensor, steps: int = MSIGN_STEPS) -
         return _skew(msign(_skew(g @ x.mH), steps)) @ x  # msign of a skew matrix is skew: exactly, after _skew
     c = x.mH @ g
     residual = g - x @ c
-    gram = residual.mH @ residual
-    eye = torch.eye(p, dtype=x.dtype, device=x.device)
+    # the p x p Gram matrix and its factor in double precision (at least), with a shift at
+    # double's rounding level: where the residual is rank-deficient (low-rank gradients), a
+    # larger shift would give the reduced matrix spurious singular values that msign brings
+    # toward 1, and float32 has no room for a smaller one (its rounding makes the Gram
+    # matrix indefinite)
+    wide = torch.promote_types(residual.dtype, torch.complex128 if residual.is_complex() else torch.float64)
+    wide_residual = residual.to(wide)
+    gram = wide_residual.mH @ wide_residual
     mean = gram.diagonal(dim1=-2, dim2=-1).real.mean(-1)[..., None, None]
-    real = torch.finfo(mean.dtype)
-    delta = 8 * real.eps * mean + real.tiny
+    delta = 64 * torch.finfo(mean.dtype).eps * mean + torch.finfo(mean.dtype).tiny
+    eye = torch.eye(p, dtype=wide, device=x.device)
     upper = torch.linalg.cholesky_ex(gram + delta * eye).L.mH
     skew_c = _skew(c)
+    factor = upper.to(x.dtype)
     reduced = torch.cat(
-        [torch.cat([skew_c, upper.mH * -0.5], -1), torch.cat([upper * 0.5, torch.zeros_like(upper)], -1)], -2
+        [torch.cat([skew_c, factor.mH * -0.5], -1), torch.cat([factor * 0.5, torch.zeros_like(factor)], -1)], -2
     )
     q = msign(reduced, steps)
-    k = torch.linalg.solve_triangular(upper, q[..., p:, :p], upper=True)
+    k = torch.linalg.solve_triangular(upper, q[..., p:, :p].to(wide), upper=True).to(x.dtype)
     # X^H residual is zero up to rounding, which R^-1 amplifies where the residual is
     # rank-deficient: its symmetric part is removed, so the result is tangent to rounding
     leak = (x.mH @ residual) @ k

@@ -462,3 +462,11 @@ def test_low_rank_gradients_on_tall_float32_points_give_finite_unit_tangent_dire
         xi = 0.5 * (g.double() @ x.double().mT - x.double() @ g.double().mT)
         optimum = torch.linalg.matrix_norm(xi, "nuc").item()
         assert (g.double() * a.double()).sum().item() >= (1 - 1e-3) * optimum
+
+
+def test_the_gap_of_a_nonfinite_direction_is_nan_not_an_error():
+    from manifold_opt.manifolds.spectral import duality_gap as gap
+
+    g = torch.randn(1, 6, 3, dtype=torch.float64)
+    direction = torch.full_like(g, float("nan"))
+    assert torch.isnan(gap(g, direction, torch.zeros_like(g), lambda a: a)).all()

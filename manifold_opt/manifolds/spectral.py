@@ -235,10 +235,12 @@ def duality_gap(g: Tensor, direction: Tensor, dual: Tensor, project_tangent: Cal
     on the optimum. Returns :math:`(u - \ell)/u \ge 0`: the direction's value is within
     that fraction of the true optimum.
 
+    A direction with non-finite entries gets a NaN gap.
+
     Shapes: ``(..., m, n)`` each -> ``(...)``.
     """
     a = project_tangent(direction)
-    lower = (g * a).sum(dim=(-2, -1)) / torch.linalg.matrix_norm(a, ord=2).clamp(min=torch.finfo(a.dtype).tiny)
+    lower = (g * a).sum(dim=(-2, -1)) / spectral_norm(a)[..., 0, 0].clamp(min=torch.finfo(a.dtype).tiny)
     z = dual - project_tangent(dual) + project_tangent(g)
-    upper = torch.linalg.matrix_norm(z, ord="nuc")
+    upper = torch.linalg.matrix_norm(_finite(z), ord="nuc")  # NaN comes through lower
     return (upper - lower) / upper.clamp(min=torch.finfo(g.dtype).tiny)

@@ -49,7 +49,7 @@ from torch.nn import functional
 
 from manifold_opt import ManifoldParameter, RiemannianAdam, RiemannianMuon, RiemannianSGD, Stiefel
 from manifold_opt.checks import steepest_direction_gap
-from manifold_opt.manifolds.spectral import admm_steepest_direction
+from manifold_opt.manifolds.spectral import POLAR_EXPRESS, admm_steepest_direction
 
 from .common import (
     digits,
@@ -110,19 +110,9 @@ def label(shape: Sequence[int]) -> str:
 
 
 # ---------------------------------------------------------------------------- the reference loop
-# Polar Express (Amsel et al. 2025) odd quintics, each divided by 1.01, 1.01^3, 1.01^5 except
-# the last, as the reference's msign uses them; steps past the list repeat the last one.
-_PE = (
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-    (1.875, -1.25, 0.375),
-)
-REFERENCE_COEFFICIENTS = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PE[:-1]) + _PE[-1:]
+# Polar Express (Amsel et al. 2025) odd quintics, the schedule the reference's msign uses (the
+# library's msign uses the same one); steps past the list repeat the last one.
+REFERENCE_COEFFICIENTS = POLAR_EXPRESS
 
 
 def reference_msign(g: Tensor, steps: int = 10, dtype: torch.dtype = torch.bfloat16) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -90,6 +91,20 @@ def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
     if len(numerators) != len(denominators):
         raise ValueError(f"{len(numerators)} numerators against {len(denominators)} denominators")
     return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def number(x: float) -> str:
+    """Three significant digits, without an exponent below a million."""
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.1e}"
+
+
+def matrix_view(t: torch.Tensor) -> torch.Tensor:
+    """A parameter as the Stiefel manifold and Muon see it: first dimension against the rest."""
+    return t.reshape(t.shape[0], -1)
 
 
 def mean_std(values: Sequence[float], digits: int = 2) -> str:

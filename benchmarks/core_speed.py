@@ -44,7 +44,9 @@ from manifold_opt.manifolds.linalg import cholesky_upper, invert_upper
 
 from .common import (
     markdown_table,
+    matrix_view,
     median_ratio,
+    number,
     progress,
     save_figure,
     time_interleaved_samples,
@@ -180,15 +182,6 @@ def gram_ms(results: dict[Hashable, Result]) -> str:
     return "–" if timing is None or timing.gram is None else number(1e3 * statistics.median(timing.gram))
 
 
-def number(x: float) -> str:
-    """Three significant digits, without an exponent below a million."""
-    if not math.isfinite(x):
-        return str(x)
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.1e}"
-
-
 def units_and_ms(result: Result | None) -> str:
     if result is None:
         return ""
@@ -204,11 +197,6 @@ def ratio(result: Result, reference: Result | None, how: Callable[[Timing, Timin
 
 
 # ---------------------------------------------------------------------------- problems and methods
-def matrix_view(t: Tensor) -> Tensor:
-    """A parameter as the Stiefel manifold sees it: first dimension against the rest."""
-    return t.reshape(t.shape[0], -1)
-
-
 def tall_view(t: Tensor) -> Tensor:
     """:func:`matrix_view`, transposed when wide (the layout of geoopt and of the Gram units)."""
     m = matrix_view(t)

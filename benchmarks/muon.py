@@ -54,8 +54,10 @@ from manifold_opt.manifolds.spectral import POLAR_EXPRESS, admm_steepest_directi
 from .common import (
     digits,
     markdown_table,
+    matrix_view,
     mean_std,
     median_ratio,
+    number,
     plot_mean_band,
     progress,
     save_figure,
@@ -85,20 +87,6 @@ class Settings:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def number(x: float) -> str:
-    """Three significant digits, without an exponent below a million."""
-    if not math.isfinite(x):
-        return str(x)
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.1e}"
-
-
-def matrix_view(t: Tensor) -> Tensor:
-    """A parameter as Muon sees it: first dimension against the rest."""
-    return t.reshape(t.shape[0], -1)
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -300,6 +300,11 @@ class Manifold(GeooptNames, ABC):
         y, stored = self.retract_transport(x, m_new, m_new, t, workspace=work)
         return MomentumStep(y, stored, norm_sq, None)
 
+    def tracking_state(self, x: Tensor, m: Tensor) -> Tensor:
+        """The tracking state :meth:`momentum_step` keeps for the momentum ``m`` at ``x``,
+        formed from the data (for manifolds that return one; none of the defaults does)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no tracking state")
+
     def retract_transport(
         self, x: Tensor, u: Tensor, v: Tensor, t: StepSize = 1.0, *, workspace: Workspace | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -336,11 +341,13 @@ class Manifold(GeooptNames, ABC):
     # ------------------------------------------- steepest descent under the spectral norm
     def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         """``(rows, cols)`` of the matrices whose spectral norm measures a step of a parameter
-        of shape ``shape`` (:class:`~manifold_opt.RiemannianMuon`): the parameter as one
+        of shape ``shape`` (:class:`~manifold_opt.RiemannianMuon`): each point on manifolds of
+        matrices (``point_ndim == 2``, e.g. Stiefel); otherwise the parameter as one
         ``(out, prod(rest))`` matrix (a vector is one row), whose rows are the points of a
-        row-wise manifold (``Sphere(batch_dims=1)``, ``PSI``). Manifolds of matrices
-        (Stiefel) measure each point, a batch of them, instead."""
+        row-wise manifold (``Sphere(batch_dims=1)``, ``PSI``)."""
         shape = tuple(shape)
+        if self.point_ndim == 2:
+            return self.point_shape(shape)  # type: ignore[return-value]
         if len(shape) < 2:
             return (1, numel(shape))
         return (shape[0], numel(shape[1:]))
@@ -353,9 +360,10 @@ class Manifold(GeooptNames, ABC):
 
     @property
     def steepest_direction_warm_starts(self) -> bool:
-        """True when :meth:`steepest_direction` returns a dual variable (in the parameter's
-        layout) that warm-starts the next solve; False for closed forms."""
-        return True
+        """True when :meth:`steepest_direction` is this class's generic solver, which returns a
+        dual variable (in the parameter's layout) that warm-starts the next solve; manifolds
+        that override it with a closed form keep none."""
+        return type(self).steepest_direction is Manifold.steepest_direction
 
     def steepest_direction(
         self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None

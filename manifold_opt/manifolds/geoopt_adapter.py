@@ -105,15 +105,6 @@ class GeooptManifold(Manifold):
     def steepest_direction_supported(self) -> bool:
         return type(self.manifold).__name__ == "CanonicalStiefel"
 
-    @property
-    def steepest_direction_warm_starts(self) -> bool:
-        return False
-
-    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
-        if self.point_ndim == 2:
-            return self.point_shape(shape)  # type: ignore[return-value]
-        return super().spectral_matrix_shape(shape)
-
     def steepest_direction(
         self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
     ) -> SteepestDirection:

@@ -185,9 +185,9 @@ def newton_schulz(y: Tensor, iterations: int) -> Tensor:
     :math:`S = Y_0^\top Y_0` (the form ONI's paper writes); iterating on ``Y`` instead of
     ``B`` is the numerically stable form (rounding errors in ``B`` grow by up to
     :math:`\tfrac12(r + r^2) - 1` per step when the eigenvalue ratio of ``S`` is
-    :math:`r^2 > 2.4`; errors in ``Y`` do not grow). This is the one implementation of the
-    iteration in the library: ONI (:func:`manifold_opt.nn.oni`) and the ``"newton"``
-    Stiefel retraction both use it.
+    :math:`r^2 > 2.4`; errors in ``Y`` do not grow). ONI (:func:`manifold_opt.nn.oni`) and the
+    ``"newton"`` Stiefel retraction use it; Muon's normalized odd quintics (one polynomial
+    per step) are :func:`manifold_opt.manifolds.spectral.quintic_newton_schulz`.
 
     Args:
         y: matrices with singular values in ``(0, sqrt(3))``.

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .linalg import skew
+
 # torch.optim.Muon's quintic Newton–Schulz (Keller Jordan's coefficients): five steps put
 # the singular values of a Frobenius-normalized matrix in about [0.5, 1.2], not at 1.
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -118,7 +120,7 @@ def stiefel_steepest_direction(x: Tensor, g: Tensor, steps: int = MSIGN_STEPS) -
     """
     n, p = x.shape[-2:]
     if n <= 2 * p:
-        return _skew(msign(_skew(g @ x.mH), steps)) @ x  # msign of a skew matrix is skew: exactly, after _skew
+        return skew(msign(skew(g @ x.mH), steps)) @ x  # msign of a skew matrix is skew: exactly, after _skew
     c = x.mH @ g
     residual = g - x @ c
     # the p x p Gram matrix and its factor in double precision (at least), with a shift at
@@ -133,7 +135,7 @@ def stiefel_steepest_direction(x: Tensor, g: Tensor, steps: int = MSIGN_STEPS) -
     delta = 64 * torch.finfo(mean.dtype).eps * mean + torch.finfo(mean.dtype).tiny
     eye = torch.eye(p, dtype=wide, device=x.device)
     upper = torch.linalg.cholesky_ex(gram + delta * eye).L.mH
-    skew_c = _skew(c)
+    skew_c = skew(c)
     factor = upper.to(x.dtype)
     reduced = torch.cat(
         [torch.cat([skew_c, factor.mH * -0.5], -1), torch.cat([factor * 0.5, torch.zeros_like(factor)], -1)], -2
@@ -143,11 +145,7 @@ def stiefel_steepest_direction(x: Tensor, g: Tensor, steps: int = MSIGN_STEPS) -
     # X^H residual is zero up to rounding, which R^-1 amplifies where the residual is
     # rank-deficient: its symmetric part is removed, so the result is tangent to rounding
     leak = (x.mH @ residual) @ k
-    return x @ (_skew(q[..., :p, :p]) - 0.5 * (leak + leak.mH)) + residual @ k
-
-
-def _skew(a: Tensor) -> Tensor:
-    return 0.5 * (a - a.mH)
+    return x @ (skew(q[..., :p, :p]) - 0.5 * (leak + leak.mH)) + residual @ k
 
 
 def clip_spectrum(z: Tensor) -> Tensor:

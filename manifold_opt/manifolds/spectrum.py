@@ -195,13 +195,6 @@ class ConditionedSpectrum(Manifold):
         onto the band) keeps the spectrum in it."""
         return SteepestDirection(msign(g))
 
-    @property
-    def steepest_direction_warm_starts(self) -> bool:
-        return False  # a closed form
-
-    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
-        return self.point_shape(shape)  # each point is one matrix
-
     def transport(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return v
 

@@ -161,12 +161,12 @@ class Stiefel(EmbeddedManifold):
             return self.project_tangent(x.mT, u.mT, out=out.mT).mT
         return subtract_product(u, x, sym(x.mH @ u), out=out)
 
-    @property
-    def steepest_direction_warm_starts(self) -> bool:
-        return False  # a closed form
-
-    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
-        return self.point_shape(shape)  # each point is one matrix
+    def tracking_state(self, x: Tensor, m: Tensor) -> Tensor:
+        r""":math:`E = X^\mathsf{H} m` (``p x p`` per point, on the tall orientation), as
+        :meth:`momentum_step` forms it from the data."""
+        if _is_wide(x):
+            x, m = x.mT, m.mT
+        return x.mH @ m
 
     def steepest_direction(
         self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None

@@ -16,7 +16,7 @@ from ..manifolds.linalg import all_finite_small
 from .base import BucketedOptimizer, check_nonnegative, check_stabilize
 from .buckets import Bucket, BucketUpdate, StateWrite, all_finite, flat_base, mark_flat, state_dtype
 from .functional import adam_update
-from .plain import check_implementation_options, plain_implementation
+from .plain import adam_kernel_options, check_implementation_options, plain_implementation
 from .tracking import tracking_inputs, tracking_key, tracking_outputs
 
 FUSED_KERNEL = "_fused_adam_"
@@ -245,13 +245,7 @@ class RiemannianAdam(BucketedOptimizer):
         found_inf: Tensor | None,
     ) -> None:
         """``torch.optim.adam.adam`` (the functional form of ``torch.optim.Adam``) on plain tensors."""
-        implementation = plain_implementation(group, params, FUSED_KERNEL)
-        # under torch.compile, torch's capturable form: bias corrections as device tensors
-        capturable = torch.compiler.is_compiling() and implementation == "foreach"
-        device = params[0].device if implementation == "fused" or capturable else "cpu"
-        for state in states:  # a checkpoint from another implementation keeps its steps elsewhere
-            if state["step"].device != torch.device(device):
-                state["step"] = state["step"].to(device)
+        implementation, capturable = adam_kernel_options(group, params, states, FUSED_KERNEL)
         beta1, beta2 = group["betas"]
         torch_adam(
             params,

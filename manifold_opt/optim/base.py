@@ -33,13 +33,7 @@ from ..manifolds import Euclidean, Manifold, from_geoopt, is_geoopt_manifold
 from ..manifolds.base import Workspace
 from ..manifolds.linalg import real_dtype
 from ..parameter import _onto_manifold_when_loaded, check_manifold_argument
-from .buckets import (
-    Bucket,
-    BucketUpdate,
-    all_finite,
-    geometry_dtype,
-    grads_finite,
-)
+from .buckets import Bucket, BucketUpdate, all_finite, geometry_dtype, grads_finite
 from .checkpoints import Checkpoints
 from .functional import keep_on_manifold
 from .projection import PROJECTED, mark_written, needs_projection, projects_points
@@ -54,10 +48,7 @@ from .sharded import (
     is_sharded,
     scatter_from_owners,
 )
-from .tracking import (
-    TRACKING,
-    tracking_from_data,
-)
+from .tracking import TRACKING
 
 EUCLIDEAN = Euclidean()
 # Manifold parameters with at least this many entries get a bucket of their own (views of
@@ -316,16 +307,15 @@ class BucketedOptimizer(Checkpoints):
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             manifold = self._manifold(group, param)
-            if param.numel() == 0 and not isinstance(manifold, Euclidean):
-                continue  # no points: nothing to step (torch.optim's kernels step empty plain tensors)
-            if compiling:
+            static = None if compiling else self._static_keys.get(param)
+            if static is None or not static.matches(param, manifold):  # (a cached key: not empty)
+                if param.numel() == 0 and not isinstance(manifold, Euclidean):
+                    continue  # no points: nothing to step (torch.optim's kernels step empty plain tensors)
+                if static is not None and static.declared and getattr(param, "manifold", None) is None:
+                    raise RuntimeError(_lost_manifold_message(param, static.manifold))
                 static = self._static_key(param, manifold)
-            else:
-                static = self._static_keys.get(param)
-                if static is None or not static.matches(param, manifold):
-                    if static is not None and static.declared and getattr(param, "manifold", None) is None:
-                        raise RuntimeError(_lost_manifold_message(param, static.manifold))
-                    static = self._static_keys[param] = self._static_key(param, manifold)
+                if not compiling:
+                    self._static_keys[param] = static
             state = self.state[param]
             if not state:
                 self._init_state(group, param, manifold, static.dtype)
@@ -422,7 +412,7 @@ class BucketedOptimizer(Checkpoints):
             tracking = bucket.state(name + TRACKING, "stored")
             if tracking is not None:
                 off_small = off.reshape(-1, *(1,) * (tracking.dim() - 1))
-                states[name + TRACKING] = torch.where(off_small, tracking_from_data(y, m), tracking)
+                states[name + TRACKING] = torch.where(off_small, manifold.tracking_state(y, m), tracking)
         bucket.replace(y, states)
 
     def _sharded_manifold_bucket(self, group: dict[str, Any], static: _StaticKey, params: list[Tensor]) -> _Pending:
@@ -588,7 +578,7 @@ def _add_to_counter(counters: dict[torch.device, Tensor], flag: Tensor) -> None:
     count = counters.get(flag.device)
     if count is None:
         count = counters[flag.device] = torch.zeros((), dtype=torch.int64, device=flag.device)
-    count.add_(flag.to(torch.int64))
+    count.add_(flag)  # a bool flag adds 0 or 1: no cast (one operation per count)
 
 
 def check_group_manifold(manifold: Any) -> None:

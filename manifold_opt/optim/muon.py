@@ -13,10 +13,10 @@ from torch.optim.adamw import adamw as torch_adamw
 
 from ..manifolds import Euclidean, Manifold
 from ..manifolds.base import StepSize, Workspace, add_step, unsupported_steepest_direction
-from ..manifolds.spectral import MUON_COEFFICIENTS, quintic_newton_schulz
+from ..manifolds.spectral import MUON_COEFFICIENTS, SteepestDirection, msign, quintic_newton_schulz
 from .base import EUCLIDEAN, BucketedOptimizer, check_nonnegative
 from .buckets import Bucket, BucketUpdate, StateWrite, all_finite
-from .plain import plain_implementation
+from .plain import adam_kernel_options, plain_implementation
 
 ALGORITHMS = ("auto", "muon", "adamw")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -42,12 +42,12 @@ class PlainMatrices(Manifold):
     def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return self._matrix_point_shape(shape)
 
-    @property
-    def steepest_direction_warm_starts(self) -> bool:
-        return False  # a closed form
-
-    def spectral_matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
-        return self.point_shape(shape)
+    def steepest_direction(
+        self, x: Tensor, g: Tensor, shape: Sequence[int], *, iterations: int, dual: Tensor | None = None
+    ) -> SteepestDirection:
+        """Unconstrained: :math:`\\operatorname{msign}(g)` of each matrix, exactly (the
+        optimizer's own step uses torch's Newton–Schulz instead, for torch's numbers)."""
+        return SteepestDirection(msign(g))
 
     def project(self, x: Tensor) -> Tensor:
         return x
@@ -216,11 +216,11 @@ class RiemannianMuon(BucketedOptimizer):
         declared = self.declared_manifold(group, param)
         on_manifold = declared is not None and not isinstance(declared, Euclidean)
         algorithm = group.get("algorithm", "auto")
-        shape = tuple(param.shape)
+        shape = param.shape  # for the error messages
         if algorithm == "adamw":
             if on_manifold:
                 raise ValueError(
-                    f"a parameter of shape {shape} is declared on {declared!r} but its param group routes it to "
+                    f"a parameter of shape {tuple(shape)} is declared on {declared!r} but its param group routes it to "
                     "AdamW, which does not keep it on the manifold: use algorithm 'muon' or 'auto' for it (or "
                     "RiemannianAdam)"
                 )
@@ -232,15 +232,14 @@ class RiemannianMuon(BucketedOptimizer):
         batch_dims = group.get("matrix_batch_dims", 0)
         if param.dim() - batch_dims >= 2 and param.numel() > 0:
             manifold = self._plain_matrices(batch_dims)
-            why = 'group "algorithm": "muon"' if algorithm == "muon" else f"{param.dim()}-D"
-            return "muon", manifold, why
+            return "muon", manifold, 'group "algorithm": "muon"' if algorithm == "muon" else "a matrix (>= 2-D)"
         if algorithm == "muon":
             raise ValueError(
-                f"a parameter of shape {shape} cannot be stepped by Muon: it needs at least {batch_dims + 2} "
+                f"a parameter of shape {tuple(shape)} cannot be stepped by Muon: it needs at least {batch_dims + 2} "
                 f"dimensions (matrix_batch_dims={batch_dims} batch + 2 matrix); put it in a group with "
                 "algorithm 'auto' or 'adamw'"
             )
-        return "adamw", EUCLIDEAN, f"{param.dim()}-D" if param.numel() else "empty"
+        return "adamw", EUCLIDEAN, "not a matrix (< 2-D)" if param.numel() else "empty"
 
     def _plain_matrices(self, batch_dims: int) -> PlainMatrices:
         """One :class:`PlainMatrices` per ``batch_dims``, made when a group is added (eagerly:
@@ -338,12 +337,7 @@ class RiemannianMuon(BucketedOptimizer):
     ) -> None:
         """``torch.optim.adamw.adamw`` (the functional form of ``torch.optim.AdamW``) with the
         group's ``adamw_*`` settings on the parameters routed to AdamW."""
-        implementation = plain_implementation(group, params, FUSED_KERNEL)
-        capturable = torch.compiler.is_compiling() and implementation == "foreach"
-        device = params[0].device if implementation == "fused" or capturable else "cpu"
-        for state in states:
-            if state["step"].device != torch.device(device):
-                state["step"] = state["step"].to(device)
+        implementation, capturable = adam_kernel_options(group, params, states, FUSED_KERNEL)
         beta1, beta2 = group["adamw_betas"]
         lr = group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"]
         torch_adamw(

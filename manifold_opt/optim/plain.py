@@ -44,6 +44,23 @@ def fused_supported(params: list[Tensor], kernel: str) -> bool:
     return all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
+def adam_kernel_options(
+    group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]], kernel: str
+) -> tuple[str, bool]:
+    """The implementation (:func:`plain_implementation`) and ``capturable`` flag for torch's
+    Adam-family kernels on these plain tensors, with each ``state["step"]`` moved where that
+    kernel keeps it (a checkpoint from another implementation keeps it elsewhere): on the
+    device for the fused kernel and, under ``torch.compile``, for torch's capturable
+    ``foreach`` form (bias corrections as device tensors); on the host otherwise."""
+    implementation = plain_implementation(group, params, kernel)
+    capturable = torch.compiler.is_compiling() and implementation == "foreach"
+    device = torch.device(params[0].device if implementation == "fused" or capturable else "cpu")
+    for state in states:
+        if state["step"].device != device:
+            state["step"] = state["step"].to(device)
+    return implementation, capturable
+
+
 def plain_implementation(group: dict[str, Any], params: list[Tensor], kernel: str) -> str:
     """``"fused"``, ``"foreach"`` or ``"single"`` for a bucket of plain tensors of ``group``."""
     fused, foreach = group.get("fused"), group.get("foreach")

@@ -21,14 +21,6 @@ TRACKING_REFRESH_EVERY = 4
 _TRACKING_NAMES = {m: (m + TRACKING, m + TRACKING_AGE) for m in ("exp_avg", "momentum_buffer")}
 
 
-def tracking_from_data(x: Tensor, m: Tensor) -> Tensor:
-    """A Stiefel tracking state formed from the data: ``E = X^H m`` on the tall orientation
-    (``p x p`` per point, see :meth:`~manifold_opt.manifolds.Stiefel.momentum_step`)."""
-    if x.shape[-2] < x.shape[-1]:
-        x, m = x.mT, m.mT
-    return x.mH @ m
-
-
 def tracking_key(state: dict[str, Any], momentum: str) -> tuple[bool, bool]:
     """(tracking state present, refresh due): part of a bucket key, so a bucket agrees on both."""
     name, age = _TRACKING_NAMES[momentum]
